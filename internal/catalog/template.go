@@ -1,0 +1,283 @@
+package catalog
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
+	"strings"
+)
+
+// Values are what the macros of a Template render. Offer URLs use only the
+// click fields; partner postback URLs use all of them.
+type Values struct {
+	ClickID string    // {click_id}, {transaction_id}
+	OfferID uint32    // {offer_id}
+	AffID   uint32    // {aff_id}, {affiliate_id}
+	Sub     [5]string // {sub1}..{sub5}, {aff_sub}, {aff_sub2}..{aff_sub5}
+	Source  string    // {source}
+
+	ConversionID string // {conversion_id}
+	Goal         string // {goal}
+	Payout       string // {payout}, already formatted (schemas.Amount.String)
+	SaleAmount   string // {sale_amount}, already formatted
+	Currency     string // {currency}
+	Status       string // {status}
+	TxnID        string // {txn_id}
+	// ClickTS and ConversionTS are Unix milliseconds, as in
+	// schemas.Conversion (ClickTS, TS); {click_ts} and {conversion_ts}
+	// render them as Unix seconds. 0 (unknown) renders as 0.
+	ClickTS      int64
+	ConversionTS int64
+}
+
+type macro uint8
+
+const (
+	literal macro = iota
+	macroClickID
+	macroOfferID
+	macroAffID
+	macroSub1
+	macroSub2
+	macroSub3
+	macroSub4
+	macroSub5
+	macroSource
+
+	// Partner postback only, from here on.
+	macroConversionID
+	macroGoal
+	macroPayout
+	macroSaleAmount
+	macroCurrency
+	macroStatus
+	macroTxnID
+	macroClickTS
+	macroConversionTS
+)
+
+// macros maps every macro name and alias of DESIGN.md to what it renders.
+var macros = map[string]macro{
+	"click_id":       macroClickID,
+	"transaction_id": macroClickID,
+	"offer_id":       macroOfferID,
+	"aff_id":         macroAffID,
+	"affiliate_id":   macroAffID,
+	"sub1":           macroSub1,
+	"sub2":           macroSub2,
+	"sub3":           macroSub3,
+	"sub4":           macroSub4,
+	"sub5":           macroSub5,
+	"aff_sub":        macroSub1,
+	"aff_sub2":       macroSub2,
+	"aff_sub3":       macroSub3,
+	"aff_sub4":       macroSub4,
+	"aff_sub5":       macroSub5,
+	"source":         macroSource,
+
+	"conversion_id": macroConversionID,
+	"goal":          macroGoal,
+	"payout":        macroPayout,
+	"sale_amount":   macroSaleAmount,
+	"currency":      macroCurrency,
+	"status":        macroStatus,
+	"txn_id":        macroTxnID,
+	"click_ts":      macroClickTS,
+	"conversion_ts": macroConversionTS,
+}
+
+// Template is a URL with macros, parsed once into literal and macro parts.
+type Template struct {
+	raw   string
+	parts []part
+	host  string // the URL's host name, without port or brackets
+}
+
+type part struct {
+	lit   string // when macro == literal
+	macro macro
+}
+
+// ParseTemplate parses an offer URL (partner false: click macros only) or
+// a partner postback URL (partner true: click and conversion macros). The
+// URL must be absolute http or https with a host, and macros may not stand
+// in its scheme or host.
+func ParseTemplate(raw string, partner bool) (*Template, error) {
+	t, problems := parseTemplate(raw, partner)
+	if len(problems) == 0 {
+		return t, nil
+	}
+	errs := make([]error, len(problems))
+	for i, p := range problems {
+		errs[i] = fmt.Errorf("invalid URL template %q: %s", raw, p)
+	}
+	return nil, errors.Join(errs...)
+}
+
+// parseTemplate returns the template or every problem found in it.
+func parseTemplate(raw string, partner bool) (*Template, []string) {
+	var problems []string
+	t := &Template{raw: raw}
+	firstMacro := -1
+	unclosed := false
+	rest := raw
+	for len(rest) > 0 {
+		open := strings.IndexByte(rest, '{')
+		if open < 0 {
+			t.parts = append(t.parts, part{lit: rest})
+			break
+		}
+		if open > 0 {
+			t.parts = append(t.parts, part{lit: rest[:open]})
+		}
+		offset := len(raw) - len(rest) + open
+		end := strings.IndexByte(rest[open:], '}')
+		if end < 0 {
+			problems = append(problems, fmt.Sprintf("unclosed \"{\" at offset %d", offset))
+			unclosed = true
+			break
+		}
+		name := rest[open+1 : open+end]
+		m, ok := macros[name]
+		switch {
+		case !ok && name == "revenue" && partner:
+			problems = append(problems, `macro "{revenue}" is never offered to partners`)
+		case !ok:
+			problems = append(problems, fmt.Sprintf("unknown macro %q", "{"+name+"}"))
+		case m >= macroConversionID && !partner:
+			problems = append(problems, fmt.Sprintf("macro %q is only available in partner postback URLs", "{"+name+"}"))
+		}
+		if firstMacro < 0 {
+			firstMacro = offset
+		}
+		t.parts = append(t.parts, part{macro: m})
+		rest = rest[open+end+1:]
+	}
+
+	// Check the URL's shape with every macro standing for a harmless value.
+	// The text before the first macro is the same in raw and sample, so
+	// offsets into it compare directly.
+	var sample strings.Builder
+	for _, p := range t.parts {
+		if p.macro == literal {
+			sample.WriteString(p.lit)
+		} else {
+			sample.WriteString("1")
+		}
+	}
+	s := sample.String()
+	authorityEnd := -1 // where the host and port end, when s starts with a scheme
+	if i := strings.Index(s, "://"); i >= 0 && !strings.ContainsAny(s[:i], "/?#") {
+		authorityEnd = len(s)
+		if end := strings.IndexAny(s[i+len("://"):], "/?#"); end >= 0 {
+			authorityEnd = i + len("://") + end
+		}
+	}
+	u, err := url.Parse(s)
+	switch {
+	case unclosed:
+		// The shape of a URL cut short would only add noise.
+	case strings.ContainsAny(raw, " \t\r\n"):
+		problems = append(problems, "URL must not contain spaces (write %20 or +)")
+	case firstMacro >= 0 && firstMacro < authorityEnd:
+		problems = append(problems, "macros are not allowed in the URL's scheme or host")
+	case err != nil:
+		problems = append(problems, fmt.Sprintf("malformed URL: %v", errors.Unwrap(err)))
+	case (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Hostname() == "":
+		problems = append(problems, "URL must be absolute http:// or https:// with a host")
+	default:
+		t.host = u.Hostname()
+	}
+	if len(problems) > 0 {
+		return nil, problems
+	}
+	return t, nil
+}
+
+// String returns the template as written in the config.
+func (t *Template) String() string { return t.raw }
+
+// Append appends the URL with macros replaced by v's values, query-escaped
+// as url.QueryEscape does. It does not allocate when dst has room.
+func (t *Template) Append(dst []byte, v *Values) []byte {
+	for i := range t.parts {
+		p := &t.parts[i]
+		switch p.macro {
+		case literal:
+			dst = append(dst, p.lit...)
+		case macroClickID:
+			dst = appendQueryEscape(dst, v.ClickID)
+		case macroOfferID:
+			dst = strconv.AppendUint(dst, uint64(v.OfferID), 10)
+		case macroAffID:
+			dst = strconv.AppendUint(dst, uint64(v.AffID), 10)
+		case macroSub1, macroSub2, macroSub3, macroSub4, macroSub5:
+			dst = appendQueryEscape(dst, v.Sub[p.macro-macroSub1])
+		case macroSource:
+			dst = appendQueryEscape(dst, v.Source)
+		case macroConversionID:
+			dst = appendQueryEscape(dst, v.ConversionID)
+		case macroGoal:
+			dst = appendQueryEscape(dst, v.Goal)
+		case macroPayout:
+			dst = appendQueryEscape(dst, v.Payout)
+		case macroSaleAmount:
+			dst = appendQueryEscape(dst, v.SaleAmount)
+		case macroCurrency:
+			dst = appendQueryEscape(dst, v.Currency)
+		case macroStatus:
+			dst = appendQueryEscape(dst, v.Status)
+		case macroTxnID:
+			dst = appendQueryEscape(dst, v.TxnID)
+		case macroClickTS:
+			dst = strconv.AppendInt(dst, unixSeconds(v.ClickTS), 10)
+		case macroConversionTS:
+			dst = strconv.AppendInt(dst, unixSeconds(v.ConversionTS), 10)
+		default:
+			panic("BUG: unknown macro in compiled template")
+		}
+	}
+	return dst
+}
+
+// unixSeconds converts Unix milliseconds to seconds, rounding down.
+func unixSeconds(ms int64) int64 {
+	s := ms / 1000
+	if ms%1000 < 0 {
+		s--
+	}
+	return s
+}
+
+// queryUnreserved marks the bytes url.QueryEscape leaves as they are.
+var queryUnreserved = func() (t [256]bool) {
+	for c := 'a'; c <= 'z'; c++ {
+		t[c] = true
+	}
+	for c := 'A'; c <= 'Z'; c++ {
+		t[c] = true
+	}
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	t['-'], t['_'], t['.'], t['~'] = true, true, true, true
+	return t
+}()
+
+// appendQueryEscape appends url.QueryEscape(s) to dst without allocating.
+func appendQueryEscape(dst []byte, s string) []byte {
+	const hex = "0123456789ABCDEF"
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case queryUnreserved[c]:
+			dst = append(dst, c)
+		case c == ' ':
+			dst = append(dst, '+')
+		default:
+			dst = append(dst, '%', hex[c>>4], hex[c&15])
+		}
+	}
+	return dst
+}
