@@ -1,0 +1,218 @@
+package dispatcher
+
+import (
+	"context"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/segmentio/kafka-go"
+
+	"github.com/trackstar/trackstar/internal/bus"
+)
+
+// offsetTracker follows the offsets read from one partition in one
+// generation and says up to where they may be committed: the first offset
+// whose conversion is neither finally delivered nor durably scheduled.
+// kafka-go's CommitMessages would commit the highest offset handed to it,
+// which skips the conversions still in flight below it after a crash.
+type offsetTracker struct {
+	mu   sync.Mutex
+	offs []int64 // read and not yet committable, in read order (ascending)
+	done []bool
+	next int64 // the offset after the last one read; -1 before any
+}
+
+func newOffsetTracker(start int64) *offsetTracker {
+	if start < 0 {
+		start = -1 // kafka.FirstOffset or LastOffset: nothing to commit yet
+	}
+	return &offsetTracker{next: start}
+}
+
+// add records that off was read. Offsets arrive in ascending order.
+func (t *offsetTracker) add(off int64) {
+	t.mu.Lock()
+	t.offs = append(t.offs, off)
+	t.done = append(t.done, false)
+	t.next = off + 1
+	t.mu.Unlock()
+}
+
+// markDone records that off's conversion is final or durably scheduled.
+// Marking an offset not added, or twice, does nothing.
+func (t *offsetTracker) markDone(off int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	i := sort.Search(len(t.offs), func(i int) bool { return t.offs[i] >= off })
+	if i == len(t.offs) || t.offs[i] != off {
+		return
+	}
+	t.done[i] = true
+	// Drop the done prefix; the backing arrays are reused once half is dead.
+	n := 0
+	for n < len(t.done) && t.done[n] {
+		n++
+	}
+	if n == 0 {
+		return
+	}
+	t.offs, t.done = t.offs[n:], t.done[n:]
+	if cap(t.offs) > 1024 && len(t.offs) < cap(t.offs)/4 {
+		t.offs = append([]int64(nil), t.offs...)
+		t.done = append([]bool(nil), t.done...)
+	}
+}
+
+// position returns the offset to commit (the next one to read after a
+// restart), or -1 when there is nothing to commit.
+func (t *offsetTracker) position() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.offs) > 0 {
+		return t.offs[0]
+	}
+	return t.next
+}
+
+// pending returns how many offsets read are not yet committable.
+func (t *offsetTracker) pending() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.offs)
+}
+
+// consume runs the consumer group until ctx ends. On the way out the
+// generation's committer waits for drained (the engine has written out
+// what was in flight), commits, and only then is the group left.
+func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
+	cg, err := kafka.NewConsumerGroup(kafka.ConsumerGroupConfig{
+		ID:                d.cfg.Group,
+		Brokers:           d.cfg.Brokers,
+		Topics:            []string{bus.TopicConversions},
+		StartOffset:       kafka.FirstOffset, // a new group must not skip conversions produced before it
+		HeartbeatInterval: max(d.cfg.SessionTimeout/10, 100*time.Millisecond),
+		SessionTimeout:    d.cfg.SessionTimeout,
+		RebalanceTimeout:  d.cfg.SessionTimeout,
+		JoinGroupBackoff:  time.Second,
+		Timeout:           10 * time.Second,
+	})
+	if err != nil {
+		d.fatal(err)
+		return
+	}
+	defer cg.Close()
+	for {
+		gen, err := cg.Next(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			d.log.Warn("consumer group error; rejoining", "group", d.cfg.Group, "err", err)
+			continue
+		}
+		d.joined.Store(true)
+		var parts []int
+		trackers := map[int]*offsetTracker{}
+		for _, a := range gen.Assignments[bus.TopicConversions] {
+			parts = append(parts, a.ID)
+			tr := newOffsetTracker(a.Offset)
+			trackers[a.ID] = tr
+			gen.Start(func(gctx context.Context) { d.readPartition(ctx, gctx, a.ID, a.Offset, tr) })
+		}
+		sort.Ints(parts)
+		d.log.Info("joined consumer group", "group", d.cfg.Group, "generation", gen.ID, "partitions", parts)
+		gen.Start(func(gctx context.Context) { d.commitLoop(ctx, gctx, gen, trackers, drained) })
+	}
+}
+
+// readPartition hands every conversion of one partition to the engine
+// until the generation or the dispatcher ends. It never waits for a
+// partner: the engine queues, or defers to the schedule.
+func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, offset int64, tr *offsetTracker) {
+	ctx, cancel := context.WithCancel(gctx)
+	defer cancel()
+	stop := context.AfterFunc(runCtx, cancel)
+	defer stop()
+
+	r := kafka.NewReader(kafka.ReaderConfig{
+		Brokers:   d.cfg.Brokers,
+		Topic:     bus.TopicConversions,
+		Partition: partition,
+		MinBytes:  1,
+		MaxBytes:  16 << 20,
+		MaxWait:   250 * time.Millisecond,
+	})
+	defer r.Close()
+	if err := r.SetOffset(offset); err != nil {
+		d.fatal(err)
+		return
+	}
+	for {
+		m, err := r.FetchMessage(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			d.log.Warn("cannot read conversions; retrying", "partition", partition, "err", err)
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		off := m.Offset
+		tr.add(off)
+		d.engine.submit(m.Value, m.Partition, off, func() { tr.markDone(off) })
+	}
+	// Only the committer ends a generation on shutdown, after the drain:
+	// a reader that returned now would end it before the final commit.
+	<-gctx.Done()
+}
+
+// commitLoop commits the trackers' positions every CommitInterval, and a
+// last time when the generation ends or, on shutdown, once the engine has
+// drained.
+func (d *dispatcher) commitLoop(runCtx, gctx context.Context, gen *kafka.Generation, trackers map[int]*offsetTracker, drained <-chan struct{}) {
+	committed := map[int]int64{}
+	for p, tr := range trackers {
+		committed[p] = tr.position()
+	}
+	commit := func() {
+		offs := map[int]int64{}
+		for p, tr := range trackers {
+			if pos := tr.position(); pos >= 0 && pos != committed[p] {
+				offs[p] = pos
+			}
+		}
+		if len(offs) == 0 {
+			return
+		}
+		if err := gen.CommitOffsets(map[string]map[int]int64{bus.TopicConversions: offs}); err != nil {
+			d.metrics.commitErrors.Inc()
+			d.log.Warn("cannot commit offsets", "generation", gen.ID, "err", err)
+			return
+		}
+		for p, pos := range offs {
+			committed[p] = pos
+		}
+	}
+	tick := time.NewTicker(d.cfg.CommitInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+			commit()
+		case <-gctx.Done():
+			commit()
+			return
+		case <-runCtx.Done():
+			select {
+			case <-drained:
+			case <-gctx.Done():
+			}
+			commit()
+			return
+		}
+	}
+}

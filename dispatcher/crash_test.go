@@ -1,0 +1,235 @@
+package dispatcher_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/segmentio/kafka-go"
+
+	"github.com/trackstar/trackstar/dispatcher"
+	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/catalog"
+	"github.com/trackstar/trackstar/internal/testenv"
+	"github.com/trackstar/trackstar/schemas"
+)
+
+const childEnv = "TRACKSTAR_DISPATCHER_CHILD"
+
+// TestDispatcherChildProcess is not a test: it is the dispatcher process
+// TestKilledMidScheduleResumes starts (re-executing the test binary) and
+// kills with SIGKILL.
+func TestDispatcherChildProcess(t *testing.T) {
+	if os.Getenv(childEnv) == "" {
+		t.Skip("the dispatcher process of TestKilledMidScheduleResumes")
+	}
+	h, err := catalog.NewHolder(os.Getenv("TRACKSTAR_TEST_CONFIG"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	err = dispatcher.Run(context.Background(), dispatcher.Config{
+		Brokers:        []string{os.Getenv("TRACKSTAR_TEST_BROKER")},
+		DataDir:        os.Getenv("TRACKSTAR_TEST_DATA"),
+		Catalog:        h,
+		CommitInterval: 100 * time.Millisecond,
+		SessionTimeout: 6 * time.Second,
+		// Every first attempt fails on purpose: the breaker is not under test.
+		BreakerFailures: 1 << 20,
+		Logger:          slog.New(slog.NewTextHandler(os.Stderr, nil)),
+	})
+	fmt.Fprintln(os.Stderr, "dispatcher.Run returned:", err)
+	os.Exit(3)
+}
+
+// childProcess is one dispatcher process on a shared data dir.
+type childProcess struct {
+	cmd    *exec.Cmd
+	stderr *syncBuffer
+	done   chan struct{}
+}
+
+func startChild(t *testing.T, broker, dataDir, configPath string) *childProcess {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestDispatcherChildProcess$", "-test.count=1")
+	cmd.Env = append(os.Environ(), childEnv+"=1",
+		"TRACKSTAR_TEST_BROKER="+broker, "TRACKSTAR_TEST_DATA="+dataDir, "TRACKSTAR_TEST_CONFIG="+configPath)
+	c := &childProcess{cmd: cmd, stderr: &syncBuffer{}, done: make(chan struct{})}
+	cmd.Stderr = c.stderr
+	cmd.Stdout = c.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("cannot start the dispatcher process: %v", err)
+	}
+	go func() {
+		_ = cmd.Wait()
+		close(c.done)
+	}()
+	t.Cleanup(func() {
+		c.kill()
+		if t.Failed() {
+			t.Logf("dispatcher process output:\n%s", c.stderr.String())
+		}
+	})
+	return c
+}
+
+// kill sends SIGKILL: no shutdown, no final commit, no flush.
+func (c *childProcess) kill() {
+	_ = c.cmd.Process.Kill()
+	<-c.done
+}
+
+// committed returns the group's committed offsets of trackstar.conversions, summed.
+func committed(t *testing.T, addr string, partitions int) int64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var ps []int
+	for p := range partitions {
+		ps = append(ps, p)
+	}
+	resp, err := (&kafka.Client{Addr: kafka.TCP(addr)}).OffsetFetch(ctx, &kafka.OffsetFetchRequest{
+		GroupID: dispatcher.DefaultGroup, Topics: map[string][]int{bus.TopicConversions: ps},
+	})
+	if err != nil {
+		return -1
+	}
+	var sum int64
+	for _, p := range resp.Topics[bus.TopicConversions] {
+		if p.CommittedOffset > 0 {
+			sum += p.CommittedOffset
+		}
+	}
+	return sum
+}
+
+// A dispatcher killed with SIGKILL in the middle of retry schedules, and
+// restarted on the same data dir, resumes them: the next attempt is the
+// second, not the first again, and no conversion is skipped — neither the
+// scheduled ones, nor those produced while it was down, nor those it was
+// busy with at a second kill.
+func TestKilledMidScheduleResumes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("restarts a dispatcher process three times")
+	}
+	var mu sync.Mutex
+	successes := map[string]int{}
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if nth == 1 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		mu.Lock()
+		successes[r.Header.Get("X-Trackstar-Conversion-Id")]++
+		mu.Unlock()
+	})
+	succeeded := func(cs []schemas.Conversion) int {
+		mu.Lock()
+		defer mu.Unlock()
+		n := 0
+		for _, c := range cs {
+			if successes[c.ConversionID] > 0 {
+				n++
+			}
+		}
+		return n
+	}
+	const parts = 2
+	addr := testenv.KafkaTopics(t, parts)
+	recs := collect(t, addr, bus.TopicDeliveries, parts)
+	dataDir := t.TempDir()
+	configPath := filepath.Join(t.TempDir(), "trackstar.yaml")
+	config := fmt.Sprintf("allow_private_partner_urls: true\ndelivery:\n  timeout: 2s\n  retries: [3s, 3s]\naffiliates:\n%s",
+		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	batch := func(n int) []schemas.Conversion {
+		var cs []schemas.Conversion
+		for range n {
+			cs = append(cs, newConversion(7))
+		}
+		return cs
+	}
+
+	// 1. Every conversion's first attempt fails and its retry is durably
+	// scheduled (the offsets are committed only then); SIGKILL before the
+	// retries are due.
+	first := batch(20)
+	produce(t, addr, first...)
+	child := startChild(t, addr, dataDir, configPath)
+	waitFor(t, "every first attempt recorded as retrying and every offset committed", func() bool {
+		n := 0
+		for _, c := range first {
+			if recs.hasOutcome(t, c.ConversionID, schemas.OutcomeRetrying) {
+				n++
+			}
+		}
+		return n == len(first) && committed(t, addr, parts) == int64(len(first))
+	})
+	child.kill()
+	killedAt := time.Now()
+	if n := succeeded(first); n != 0 {
+		t.Fatalf("%d conversions succeeded before their retries were due", n)
+	}
+
+	// 2. Conversions produced while the dispatcher is down. The restarted
+	// dispatcher sends the scheduled retries, as attempt 2.
+	second := batch(20)
+	produce(t, addr, second...)
+	child = startChild(t, addr, dataDir, configPath)
+	waitFor(t, "every scheduled retry delivered after the restart", func() bool {
+		for _, c := range first {
+			if !recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) {
+				return false
+			}
+		}
+		return true
+	})
+	for _, c := range first {
+		reqs := p.requestsFor(c.ConversionID)
+		if len(reqs) != 2 {
+			t.Fatalf("conversion %s: partner got %d requests, want 2 (one before the kill, one after)", c.ConversionID, len(reqs))
+		}
+		if reqs[1].at.Before(killedAt) {
+			t.Fatalf("conversion %s retried before the kill", c.ConversionID)
+		}
+		ds := recs.deliveries(t, c.ConversionID)
+		if len(ds) != 2 || ds[0].Attempt != 1 || ds[0].Outcome != schemas.OutcomeRetrying || ds[1].Attempt != 2 || ds[1].Outcome != schemas.OutcomeDelivered {
+			t.Fatalf("conversion %s: records %+v; want attempt 1 retrying, attempt 2 delivered", c.ConversionID, ds)
+		}
+	}
+
+	// 3. SIGKILL again while the second batch is on its way, restart, and
+	// every conversion is delivered in the end.
+	waitFor(t, "the second batch under way", func() bool {
+		for _, c := range second {
+			if len(p.requestsFor(c.ConversionID)) > 0 {
+				return true
+			}
+		}
+		return false
+	})
+	child.kill()
+	startChild(t, addr, dataDir, configPath)
+	waitFor(t, "every conversion of the second batch delivered", func() bool { return succeeded(second) == len(second) })
+
+	var dup []string
+	mu.Lock()
+	for id, n := range successes {
+		if n > 1 {
+			dup = append(dup, fmt.Sprintf("%s×%d", id, n))
+		}
+	}
+	mu.Unlock()
+	// At-least-once: a kill between a partner's answer and its record may
+	// repeat a request, with the same idempotency key.
+	t.Logf("%d conversions delivered across two SIGKILLs; repeated: %s", len(first)+len(second), strings.Join(dup, " "))
+}

@@ -1,0 +1,617 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/segmentio/kafka-go"
+	"github.com/valyala/fasthttp"
+
+	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/catalog"
+	"github.com/trackstar/trackstar/schemas"
+)
+
+// job is one conversion on its way to one partner, in memory: queued,
+// being attempted, or waiting for the finalizer.
+type job struct {
+	id        string // conversion_id "/" version: one delivery per status update
+	conv      schemas.Conversion
+	raw       []byte // the conversion as consumed, kept for the schedule
+	partition int    // where raw was read from, for the dead letter
+	offset    int64
+	attempt   uint32   // number of the next attempt, 1-based
+	lastErr   string   // of the previous attempt
+	host      string   // the partner URL's host[:port], lower case
+	schedKey  []byte   // its schedule entry when it came from the schedule; nil when from Kafka
+	acks      []func() // offsets to mark done once the job is final or durably scheduled
+}
+
+func jobID(c *schemas.Conversion) string {
+	return c.ConversionID + "/" + strconv.FormatUint(uint64(c.Version), 10)
+}
+
+// hostQueue is the in-memory queue, workers and circuit breaker of one
+// partner host. Guarded by engine.mu.
+type hostQueue struct {
+	name    string
+	queue   []*job
+	active  int  // workers running for this host
+	waiting bool // the schedule holds due jobs for this host that did not fit
+	br      breaker
+}
+
+type resultKind int
+
+const (
+	resAttempt resultKind = iota // an attempt was made; rec says how it went
+	resDefer                     // no attempt: wait in the schedule until due
+	resDrop                      // no attempt: the config no longer wants it
+)
+
+// result is what the finalizer makes durable for one job.
+type result struct {
+	kind   resultKind
+	job    *job
+	rec    schemas.Delivery // resAttempt
+	due    time.Time        // resAttempt when retrying; resDefer
+	reason string           // resDefer: queue_full or breaker_open
+}
+
+// engine moves jobs from the readers and the schedule through the host
+// queues, the workers and the finalizer.
+type engine struct {
+	cfg     *Config
+	log     *slog.Logger
+	metrics *metrics
+	store   *scheduleStore
+	client  *fasthttp.Client
+
+	deliveries *kafka.Writer
+	dlq        *kafka.Writer
+
+	results   chan result
+	finalized chan struct{} // closed when the finalizer has written out everything
+	wake      chan struct{} // nudges the scheduler
+	tokens    chan struct{} // one per request in flight, all hosts
+	stopCh    chan struct{} // closed when the engine stops taking work
+
+	mu       sync.Mutex
+	jobs     map[string]*job // every job in memory, by id
+	hosts    map[string]*hostQueue
+	queued   int  // jobs in host queues
+	waiting  bool // the schedule holds due jobs that did not fit under MaxQueued
+	stopping bool
+	workers  sync.WaitGroup // workers and every other sender on results
+
+	pending   atomic.Int64          // schedule entries
+	writeErr  atomic.Pointer[error] // the last failed Kafka write, nil once one succeeds
+	fatalFunc func(error)
+}
+
+func newEngine(cfg *Config, m *metrics, store *scheduleStore, fatal func(error)) (*engine, error) {
+	e := &engine{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		metrics:   m,
+		store:     store,
+		results:   make(chan result, 4096),
+		finalized: make(chan struct{}),
+		wake:      make(chan struct{}, 1),
+		tokens:    make(chan struct{}, cfg.Concurrency),
+		stopCh:    make(chan struct{}),
+		jobs:      map[string]*job{},
+		hosts:     map[string]*hostQueue{},
+		fatalFunc: fatal,
+	}
+	e.client = &fasthttp.Client{
+		Name:        "trackstar-dispatcher",
+		DialTimeout: e.dial,
+		TLSConfig:   cfg.TLSConfig,
+		// Workers already cap requests per host at HostConcurrency; the
+		// slack covers connections still closing.
+		MaxConnsPerHost:        cfg.HostConcurrency + 8,
+		MaxConnWaitTimeout:     time.Second,
+		ReadBufferSize:         16 << 10,
+		DisablePathNormalizing: true, // the request URI is what was signed
+		StreamResponseBody:     true, // read at most bodyCap of any response
+		RetryIfErr:             retryStaleConn,
+	}
+	n, err := store.countScheduled()
+	if err != nil {
+		return nil, err
+	}
+	e.pending.Store(int64(n))
+	m.retriesPending.Set(float64(n))
+	e.deliveries = bus.NewWriter(bus.WriterConfig{Brokers: cfg.Brokers, Topic: bus.TopicDeliveries})
+	e.dlq = bus.NewWriter(bus.WriterConfig{Brokers: cfg.Brokers, Topic: bus.TopicDLQ})
+	return e, nil
+}
+
+func (e *engine) now() time.Time { return e.cfg.Now() }
+
+// postbackFor returns the affiliate's postback when it wants this
+// conversion, or nil.
+func postbackFor(cat *catalog.Catalog, c *schemas.Conversion) *catalog.PartnerPostback {
+	aff := cat.Affiliate(c.AffID)
+	if aff == nil || aff.Postback == nil {
+		return nil
+	}
+	pb := aff.Postback
+	if !pb.WantsStatus(c.Status) || !pb.WantsGoal(c.Goal) {
+		return nil
+	}
+	return pb
+}
+
+// submit takes one consumed conversion. ack marks its offset done; it is
+// called at once when there is nothing to deliver, else once the delivery
+// is final or durably scheduled.
+func (e *engine) submit(raw []byte, partition int, offset int64, ack func()) {
+	conv, err := schemas.DecodeConversion(raw)
+	if err != nil {
+		e.metrics.conversions.WithLabelValues("invalid").Inc()
+		e.log.Error("skipping a conversion that cannot be decoded", "err", err)
+		ack()
+		return
+	}
+	pb := postbackFor(e.cfg.Catalog.Current(), &conv)
+	if pb == nil {
+		e.metrics.conversions.WithLabelValues("not_wanted").Inc()
+		ack()
+		return
+	}
+	id := jobID(&conv)
+	e.mu.Lock()
+	if j := e.jobs[id]; j != nil {
+		// A replay (the partition came back after a rebalance) of a
+		// conversion still in flight: it is done when that one is.
+		j.acks = append(j.acks, ack)
+		e.mu.Unlock()
+		e.metrics.conversions.WithLabelValues("duplicate").Inc()
+		return
+	}
+	e.mu.Unlock()
+	seen, err := e.store.seen(id, e.now(), e.cfg.DedupWindow)
+	if err != nil {
+		e.fatal(err)
+		return
+	}
+	if seen {
+		// Scheduled or finished before a restart whose commit it missed.
+		e.metrics.conversions.WithLabelValues("duplicate").Inc()
+		ack()
+		return
+	}
+	e.metrics.conversions.WithLabelValues("queued").Inc()
+	e.enqueue(&job{
+		id:        id,
+		conv:      conv,
+		raw:       raw,
+		partition: partition,
+		offset:    offset,
+		attempt:   1,
+		host:      hostOf(pb.URL.Append(nil, valuesOf(&conv))),
+		acks:      []func(){ack},
+	})
+}
+
+// enqueue puts j in its host's queue, starting a worker when the host has
+// fewer than HostConcurrency, or defers it to the schedule when the host is
+// paused or its queue is full. It never blocks on a partner. It reports
+// whether j was queued.
+func (e *engine) enqueue(j *job) bool {
+	now := e.now()
+	e.mu.Lock()
+	if e.stopping {
+		e.mu.Unlock()
+		return false // from Kafka: replayed after the restart; from the schedule: still there
+	}
+	if other := e.jobs[j.id]; other != nil && other != j {
+		other.acks = append(other.acks, j.acks...)
+		e.mu.Unlock()
+		return false
+	}
+	e.jobs[j.id] = j
+	h := e.hostLocked(j.host)
+	if blocked, until := h.br.blocked(now); blocked {
+		e.mu.Unlock()
+		e.deferJob(j, until, "breaker_open")
+		return false
+	}
+	if len(h.queue) >= e.cfg.HostQueue || e.queued >= e.cfg.MaxQueued {
+		e.mu.Unlock()
+		e.deferJob(j, now, "queue_full")
+		return false
+	}
+	h.queue = append(h.queue, j)
+	e.queued++
+	e.metrics.queueDepth.Set(float64(e.queued))
+	if h.active < e.cfg.HostConcurrency {
+		h.active++
+		e.workers.Add(1)
+		go e.work(h)
+	}
+	e.mu.Unlock()
+	return true
+}
+
+func (e *engine) hostLocked(name string) *hostQueue {
+	h := e.hosts[name]
+	if h == nil {
+		h = &hostQueue{name: name}
+		e.hosts[name] = h
+		e.metrics.breakerState.WithLabelValues(name).Set(breakerClosed)
+	}
+	return h
+}
+
+// deferJob sends j to the schedule without an attempt.
+func (e *engine) deferJob(j *job, due time.Time, reason string) {
+	if j.schedKey != nil {
+		// Already durable, and the scheduler skips a paused or full host by
+		// itself; only an entry filed under another host (the partner URL
+		// changed) must move, or the scheduler would pick it again at once.
+		if host, _, _, _ := parseScheduleKey(j.schedKey); host == j.host {
+			e.release(j)
+			return
+		}
+	}
+	e.metrics.deferred.WithLabelValues(reason).Inc()
+	e.send(result{kind: resDefer, job: j, due: due, reason: reason})
+}
+
+// send hands a result to the finalizer, unless the engine has stopped: then
+// the job is abandoned (a Kafka job is replayed after the restart, a
+// scheduled one is still in the schedule).
+func (e *engine) send(r result) {
+	e.mu.Lock()
+	if e.stopping {
+		e.mu.Unlock()
+		return
+	}
+	e.workers.Add(1)
+	e.mu.Unlock()
+	e.results <- r
+	e.workers.Done()
+}
+
+// release forgets j and marks its offsets done: it is durable elsewhere.
+func (e *engine) release(j *job) {
+	e.mu.Lock()
+	if e.jobs[j.id] == j {
+		delete(e.jobs, j.id)
+	}
+	acks := j.acks
+	j.acks = nil
+	e.mu.Unlock()
+	for _, ack := range acks {
+		ack()
+	}
+}
+
+// abandon forgets j without marking its offsets: it will be read again.
+func (e *engine) abandon(j *job) {
+	e.mu.Lock()
+	if e.jobs[j.id] == j {
+		delete(e.jobs, j.id)
+	}
+	e.mu.Unlock()
+}
+
+func (e *engine) wakeScheduler() {
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+}
+
+// work is one worker of host h: it takes jobs from h's queue until the
+// queue is empty, attempting each.
+func (e *engine) work(h *hostQueue) {
+	defer e.workers.Done()
+	for {
+		e.mu.Lock()
+		if e.stopping || len(h.queue) == 0 {
+			h.active--
+			e.mu.Unlock()
+			return
+		}
+		j := h.queue[0]
+		h.queue[0] = nil
+		h.queue = h.queue[1:]
+		e.queued--
+		e.metrics.queueDepth.Set(float64(e.queued))
+		now := e.now()
+		ok, probe, until := h.br.allow(now, now.Add(e.cfg.Catalog.Current().Delivery.Timeout+time.Second))
+		if probe {
+			e.metrics.breakerState.WithLabelValues(h.name).Set(breakerHalfOpen)
+		}
+		wake := false
+		if h.waiting && len(h.queue) <= e.cfg.HostQueue/2 {
+			h.waiting, wake = false, true
+		}
+		if e.waiting && e.queued <= e.cfg.MaxQueued/2 {
+			e.waiting, wake = false, true
+		}
+		e.mu.Unlock()
+		if wake {
+			e.wakeScheduler()
+		}
+		if probe {
+			e.log.Info("probing paused partner host", "host", h.name, "conversion_id", j.conv.ConversionID)
+		}
+		if !ok {
+			e.deferJob(j, until, "breaker_open")
+			continue
+		}
+
+		select {
+		case e.tokens <- struct{}{}:
+		case <-e.stopCh:
+			e.abandon(j)
+			continue
+		}
+		e.metrics.inflight.Inc()
+		r, verdict := e.attempt(j)
+		e.metrics.inflight.Dec()
+		<-e.tokens
+
+		if verdict != verdictNone {
+			e.mu.Lock()
+			from, to := h.br.record(verdict == verdictRetryable, e.now(), e.cfg.BreakerFailures, e.cfg.BreakerCooldown)
+			e.mu.Unlock()
+			if from != to {
+				e.breakerChanged(h.name, from, to)
+			}
+		}
+		e.results <- r
+	}
+}
+
+func (e *engine) breakerChanged(host string, from, to int) {
+	e.metrics.breakerState.WithLabelValues(host).Set(float64(to))
+	switch to {
+	case breakerOpen:
+		e.metrics.breakerTrips.WithLabelValues(host).Inc()
+		if from == breakerHalfOpen {
+			e.log.Warn("partner host still failing after probe; paused again", "host", host, "cooldown", e.cfg.BreakerCooldown)
+		} else {
+			e.log.Warn("partner host paused by circuit breaker", "host", host,
+				"consecutive_failures", e.cfg.BreakerFailures, "cooldown", e.cfg.BreakerCooldown)
+		}
+	case breakerClosed:
+		e.log.Info("partner host resumed", "host", host)
+		e.wakeScheduler()
+	}
+}
+
+// finalize makes results durable, in batches: first the delivery records
+// and dead letters on Kafka, then the schedule in Pebble, then the offsets
+// are marked done. It returns when results is closed and drained.
+func (e *engine) finalize(hardStop context.Context) {
+	defer close(e.finalized)
+	batch := make([]result, 0, 512)
+	for r := range e.results {
+		batch = append(batch[:0], r)
+	fill:
+		for len(batch) < cap(batch) {
+			select {
+			case r, ok := <-e.results:
+				if !ok {
+					break fill
+				}
+				batch = append(batch, r)
+			default:
+				break fill
+			}
+		}
+		e.finalizeBatch(hardStop, batch)
+	}
+}
+
+func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
+	var recs, dead []kafka.Message
+	now := e.now()
+	for i := range batch {
+		r := &batch[i]
+		if r.kind != resAttempt {
+			continue
+		}
+		recs = append(recs, kafka.Message{Key: []byte(r.rec.ConversionID), Value: schemas.EncodeDelivery(r.rec)})
+		if r.rec.Outcome == schemas.OutcomeDead {
+			j := r.job
+			dl := DeadLetter{
+				Topic: bus.TopicConversions, Partition: j.partition, Offset: j.offset, Key: j.conv.ClickID,
+				Value: string(j.raw), Error: r.rec.Error,
+				ConversionID: r.rec.ConversionID, AffID: r.rec.AffID, Attempts: r.rec.Attempt,
+				Method: r.rec.Method, URL: r.rec.URL, StatusCode: r.rec.StatusCode, TS: now.UnixMilli(),
+			}
+			v, err := json.Marshal(&dl)
+			if err != nil {
+				panic("BUG: cannot encode dead letter: " + err.Error())
+			}
+			dead = append(dead, kafka.Message{Key: []byte(j.conv.ClickID), Value: v})
+		}
+	}
+	attemptsWritten := e.write(ctx, e.deliveries, bus.TopicDeliveries, recs) == nil &&
+		e.write(ctx, e.dlq, bus.TopicDLQ, dead) == nil
+
+	b := e.store.db.NewBatch()
+	defer b.Close()
+	sync := false
+	var delta int64
+	bucket := bucketOf(now, e.cfg.DedupWindow)
+	schedule := func(j *job, due time.Time, attempt uint32, lastErr string) {
+		v, err := json.Marshal(scheduledJob{Attempt: attempt, LastError: lastErr, Partition: j.partition, Offset: j.offset, Conversion: j.raw})
+		if err != nil {
+			panic("BUG: cannot encode schedule entry: " + err.Error())
+		}
+		_ = b.Set(scheduleKey(j.host, due, j.id), v, nil)
+		if j.schedKey != nil {
+			_ = b.Delete(j.schedKey, nil)
+		} else {
+			_ = b.Set(markerKey(bucket, j.id), nil, nil)
+			delta++
+		}
+		sync = true
+	}
+	finish := func(j *job) {
+		if j.schedKey != nil {
+			// Synced: a lost delete would send the postback once more.
+			_ = b.Delete(j.schedKey, nil)
+			delta--
+			sync = true
+		} else {
+			_ = b.Set(markerKey(bucket, j.id), nil, nil)
+		}
+	}
+	for i := range batch {
+		r := &batch[i]
+		switch {
+		case r.kind == resAttempt && !attemptsWritten:
+			// Not recorded, so not attempted as far as anyone knows: the
+			// attempt is made again after the restart.
+		case r.kind == resAttempt && r.rec.Outcome == schemas.OutcomeRetrying:
+			schedule(r.job, r.due, r.job.attempt+1, r.rec.Error)
+		case r.kind == resAttempt, r.kind == resDrop:
+			finish(r.job)
+		case r.kind == resDefer:
+			schedule(r.job, r.due, r.job.attempt, r.job.lastErr)
+		}
+	}
+	opts := pebble.NoSync
+	if sync {
+		opts = pebble.Sync
+	}
+	if !b.Empty() {
+		if err := b.Commit(opts); err != nil {
+			e.fatal(err)
+			for _, r := range batch {
+				e.abandon(r.job)
+			}
+			return
+		}
+	}
+	e.metrics.retriesPending.Set(float64(e.pending.Add(delta)))
+
+	for _, r := range batch {
+		if r.kind == resAttempt && !attemptsWritten {
+			e.abandon(r.job)
+			continue
+		}
+		e.release(r.job)
+		switch r.kind {
+		case resAttempt:
+			e.metrics.deliveries.WithLabelValues(r.rec.Outcome).Inc()
+			switch r.rec.Outcome {
+			case schemas.OutcomeFailed:
+				e.log.Info("partner postback failed for good", "conversion_id", r.rec.ConversionID, "aff_id", r.rec.AffID,
+					"host", r.job.host, "attempt", r.rec.Attempt, "status_code", r.rec.StatusCode, "error", r.rec.Error)
+			case schemas.OutcomeDead:
+				e.log.Warn("partner postback dead-lettered after the last retry", "conversion_id", r.rec.ConversionID,
+					"aff_id", r.rec.AffID, "host", r.job.host, "attempts", r.rec.Attempt, "error", r.rec.Error)
+			}
+		case resDrop:
+			e.metrics.conversions.WithLabelValues("dropped").Inc()
+			e.log.Info("dropping a scheduled delivery the config no longer wants", "conversion_id", r.job.conv.ConversionID, "aff_id", r.job.conv.AffID)
+		}
+	}
+	if sync {
+		e.wakeScheduler()
+	}
+}
+
+// write writes msgs to Kafka, retrying until it succeeds or ctx (the hard
+// stop of a shutdown) ends.
+func (e *engine) write(ctx context.Context, w *kafka.Writer, topic string, msgs []kafka.Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	backoff := 100 * time.Millisecond
+	for {
+		err := w.WriteMessages(ctx, msgs...)
+		if err == nil {
+			e.writeErr.Store(nil)
+			return nil
+		}
+		e.metrics.writeErrors.WithLabelValues(topic).Inc()
+		e.writeErr.Store(&err)
+		if ctx.Err() != nil {
+			e.log.Error("giving up writing to Kafka on shutdown; the attempts will be made again after the restart",
+				"topic", topic, "messages", len(msgs), "err", err)
+			return err
+		}
+		e.log.Warn("cannot write to Kafka; retrying", "topic", topic, "messages", len(msgs), "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+func (e *engine) fatal(err error) {
+	e.fatalFunc(err)
+}
+
+// stop makes the engine take no new work; workers finish their request
+// and the finalizer writes out every result. It reports whether all that
+// happened within timeout (if not, some worker may still run).
+func (e *engine) stop(timeout time.Duration) bool {
+	e.mu.Lock()
+	e.stopping = true
+	e.mu.Unlock()
+	close(e.stopCh)
+	done := make(chan struct{})
+	go func() {
+		e.workers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		close(e.results)
+		<-e.finalized
+		return true
+	case <-time.After(timeout):
+		e.log.Error("delivery workers did not stop in time; their attempts will be made again after the restart", "timeout", timeout)
+		return false
+	}
+}
+
+// health returns why the engine is not ready, or nil.
+func (e *engine) health() error {
+	if p := e.writeErr.Load(); p != nil {
+		return errors.New("cannot write delivery records to Kafka: " + (*p).Error())
+	}
+	return nil
+}
+
+// DeadLetter is the value written to trackstar.dlq when a partner postback
+// still fails after the last retry. Its Kafka key is the conversion
+// record's key (the click ID). It shares its first fields with the
+// warehouse loader's dead letters (which record, and why), so one reader
+// handles both; the rest says how the last attempt went.
+type DeadLetter struct {
+	Topic     string `json:"topic"`     // trackstar.conversions
+	Partition int    `json:"partition"` // of the conversion record
+	Offset    int64  `json:"offset"`    // of the conversion record
+	Key       string `json:"key"`       // of the conversion record: the click ID
+	Value     string `json:"value"`     // the conversion record as consumed (JSON)
+	Error     string `json:"error"`     // of the last attempt
+
+	ConversionID string `json:"conversion_id"`
+	AffID        uint32 `json:"aff_id"`
+	Attempts     uint32 `json:"attempts"`
+	Method       string `json:"method"`
+	URL          string `json:"url"`
+	StatusCode   uint16 `json:"status_code"` // of the last attempt; 0 when no response came
+	TS           int64  `json:"ts"`          // Unix milliseconds it was dead-lettered
+}

@@ -1,0 +1,266 @@
+package dispatcher_test
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/trackstar/trackstar/dispatcher"
+	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/testenv"
+	"github.com/trackstar/trackstar/schemas"
+)
+
+// syncBuffer is a log sink tests can search.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// A partner that keeps failing is paused by its circuit breaker: while
+// paused it gets one probe per cool-down instead of every retry; once it
+// answers again it resumes and everything is delivered. The pause shows
+// in metrics and logs.
+func TestCircuitBreakerPausesAndProbes(t *testing.T) {
+	var healthy atomic.Bool
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if !healthy.Load() {
+			w.WriteHeader(http.StatusBadGateway)
+		}
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	logs := &syncBuffer{}
+	const convs, cooldown = 5, 300 * time.Millisecond
+	reg := startDispatcher(t, dispatcher.Config{
+		Brokers:         []string{addr},
+		Catalog:         holder(t, true, "1s", "["+strings.Repeat("50ms, ", 40)+"50ms]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}")),
+		BreakerFailures: 3,
+		BreakerCooldown: cooldown,
+		Logger:          slog.New(slog.NewTextHandler(io.MultiWriter(logs, tWriter{t}), nil)),
+	})
+	host := strings.TrimPrefix(p.srv.URL, "http://")
+	var cs []schemas.Conversion
+	for range convs {
+		cs = append(cs, newConversion(7))
+	}
+	produce(t, addr, cs...)
+
+	waitFor(t, "three trips of the breaker (a pause, then two failed probes)", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_breaker_trips_total", "host", host) >= 3
+	})
+	trips := metric(t, reg, "trackstar_dispatcher_breaker_trips_total", "host", host)
+	n := len(p.requests())
+	t.Logf("%v trips, %d requests while failing", trips, n)
+	// Without the breaker, 5 conversions retried every 50ms for 2 cool-downs
+	// would have made dozens of requests; with it, the first 5 and one probe
+	// per later trip (a probe failing as the pause ends can add one).
+	if n > convs+int(trips)+1 {
+		t.Fatalf("partner got %d requests while paused for %v trips; want at most %d", n, trips, convs+int(trips)+1)
+	}
+	if s := metric(t, reg, "trackstar_dispatcher_breaker_state", "host", host); s == 0 {
+		t.Fatalf("breaker_state = %v while the partner fails; want open or half-open", s)
+	}
+	if !strings.Contains(logs.String(), "partner host paused by circuit breaker") {
+		t.Fatalf("no log line tells the pause")
+	}
+
+	healthy.Store(true)
+	waitFor(t, "every conversion delivered", func() bool {
+		for _, c := range cs {
+			if !recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) {
+				return false
+			}
+		}
+		return true
+	})
+	waitFor(t, "the breaker to close", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_breaker_state", "host", host) == 0
+	})
+	if !strings.Contains(logs.String(), "partner host resumed") {
+		t.Fatalf("no log line tells the resume")
+	}
+	for _, c := range cs {
+		ok := 0
+		for _, d := range recs.deliveries(t, c.ConversionID) {
+			if d.Outcome == schemas.OutcomeDelivered {
+				ok++
+			}
+		}
+		if ok != 1 {
+			t.Fatalf("conversion %s delivered %d times", c.ConversionID, ok)
+		}
+	}
+}
+
+// A partner that hangs, receiving many conversions, does not hold up a
+// fast partner behind it in the same partition: the fast partner gets all
+// of its conversions while the slow one is still stuck. The slow one's
+// overflow waits in the durable schedule and is delivered once it answers.
+func TestSlowPartnerDoesNotDelayOthers(t *testing.T) {
+	release := make(chan struct{})
+	slow := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	var fastMu sync.Mutex
+	fastAt := map[string]time.Time{}
+	fast := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		fastMu.Lock()
+		fastAt[r.Header.Get("X-Trackstar-Conversion-Id")] = time.Now()
+		fastMu.Unlock()
+	})
+	addr := testenv.KafkaTopics(t, 1) // one partition: the worst case for head-of-line blocking
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	reg := startDispatcher(t, dispatcher.Config{
+		Brokers: []string{addr},
+		Catalog: holder(t, true, "30s", "[100ms]",
+			affiliate(7, slow.srv.URL+"/pb?tx={conversion_id}"),
+			affiliate(8, fast.srv.URL+"/pb?tx={conversion_id}")),
+		HostConcurrency: 4,
+		HostQueue:       16,
+	})
+	const nSlow, nFast = 200, 50
+	var slowConvs, fastConvs []schemas.Conversion
+	for range nSlow {
+		slowConvs = append(slowConvs, newConversion(7))
+	}
+	for range nFast {
+		fastConvs = append(fastConvs, newConversion(8))
+	}
+	// The slow partner's conversions come first in the partition.
+	produce(t, addr, slowConvs...)
+	sent := time.Now()
+	produce(t, addr, fastConvs...)
+
+	waitFor(t, "the fast partner to get all its conversions", func() bool { return fast.distinct() == nFast })
+	if n := len(slow.requests()); n > 4 {
+		t.Fatalf("the slow partner has %d requests in flight, more than HostConcurrency", n)
+	}
+	select {
+	case <-release:
+		t.Fatal("BUG: released too early")
+	default:
+	}
+	var lat []time.Duration
+	fastMu.Lock()
+	for _, at := range fastAt {
+		lat = append(lat, at.Sub(sent))
+	}
+	fastMu.Unlock()
+	slices.Sort(lat)
+	t.Logf("fast partner, while the slow one hangs: %d deliveries, latency from produce p50 %v, p99 %v, max %v",
+		len(lat), lat[len(lat)/2].Round(time.Millisecond), lat[len(lat)*99/100].Round(time.Millisecond), lat[len(lat)-1].Round(time.Millisecond))
+	if d := metric(t, reg, "trackstar_dispatcher_deferred_total", "reason", "queue_full"); d == 0 {
+		t.Fatalf("no delivery was deferred to the schedule, yet the slow host's queue holds 16")
+	}
+	t.Logf("deferred to the schedule: %v; pending: %v", metric(t, reg, "trackstar_dispatcher_deferred_total"), metric(t, reg, "trackstar_dispatcher_retries_pending"))
+
+	close(release)
+	waitFor(t, "the slow partner to get all its conversions", func() bool { return slow.distinct() == nSlow })
+	waitFor(t, "every conversion delivered", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_deliveries_total", "outcome", "delivered") == nSlow+nFast
+	})
+	waitFor(t, "the dispatcher to settle", func() bool { return settled(t, reg) })
+	for _, c := range slowConvs {
+		if n := len(slow.requestsFor(c.ConversionID)); n != 1 {
+			t.Fatalf("slow partner got conversion %s %d times", c.ConversionID, n)
+		}
+	}
+	waitFor(t, "a delivery record of every conversion", func() bool { return len(recs.deliveries(t, "")) >= nSlow+nFast })
+	if n := len(recs.deliveries(t, "")); n != nSlow+nFast {
+		t.Fatalf("%d delivery records, want %d", n, nSlow+nFast)
+	}
+}
+
+// Only the statuses and goals an affiliate asked for are sent; a status
+// update of a conversion is sent with the same idempotency key; a replayed
+// Kafka record is not sent twice; an affiliate without a postback gets
+// nothing.
+func TestFiltersUpdatesAndReplays(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "2s", "[50ms]",
+		affiliate(7, p.srv.URL+"/a?tx={conversion_id}&st={status}"), // default: approved only, all goals
+		affiliate(8, p.srv.URL+"/b?tx={conversion_id}&st={status}", "statuses: [pending, approved]", "goals: [sale]"),
+		"  - id: 9\n")
+	reg := startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+
+	pending7 := newConversion(7)
+	pending7.Status = schemas.StatusPending
+	rejected7 := newConversion(7)
+	rejected7.Status, rejected7.RejectReason = schemas.StatusRejected, schemas.RejectDuplicate
+	approved7 := newConversion(7)
+	sale8 := newConversion(8)
+	sale8.Goal, sale8.Status = "sale", schemas.StatusPending
+	sale8approved := sale8
+	sale8approved.Version, sale8approved.Status = 2, schemas.StatusApproved
+	default8 := newConversion(8)
+	none9 := newConversion(9)
+	produce(t, addr, pending7, rejected7, approved7, approved7, sale8, default8, none9, sale8approved)
+
+	waitFor(t, "three deliveries", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_deliveries_total", "outcome", "delivered") == 3
+	})
+	waitFor(t, "all eight records consumed", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_conversions_total") == 8
+	})
+	waitFor(t, "the dispatcher to settle", func() bool { return settled(t, reg) })
+	got := map[string]int{}
+	for _, r := range p.requests() {
+		got[r.uri]++
+	}
+	want := map[string]int{
+		"/a?tx=" + approved7.ConversionID + "&st=approved": 1,
+		"/b?tx=" + sale8.ConversionID + "&st=pending":      1,
+		"/b?tx=" + sale8.ConversionID + "&st=approved":     1,
+	}
+	if len(got) != len(want) {
+		t.Fatalf("partner requests %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Fatalf("partner requests %v, want %v", got, want)
+		}
+	}
+	for _, r := range p.requestsFor(sale8.ConversionID) {
+		if r.header.Get("X-Trackstar-Conversion-Id") != sale8.ConversionID {
+			t.Fatalf("status update sent with another idempotency key")
+		}
+	}
+	waitFor(t, "three delivery records", func() bool { return len(recs.deliveries(t, "")) >= 3 })
+	if d := recs.deliveries(t, sale8.ConversionID); len(d) != 2 || d[0].Version+d[1].Version != 3 {
+		t.Fatalf("records of the updated conversion = %+v; want versions 1 and 2", d)
+	}
+	f := func(result string, want float64) {
+		t.Helper()
+		if got := metric(t, reg, "trackstar_dispatcher_conversions_total", "result", result); got != want {
+			t.Fatalf("conversions_total{result=%s} = %v, want %v", result, got, want)
+		}
+	}
+	f("queued", 3)
+	f("duplicate", 1)
+	f("not_wanted", 4)
+}

@@ -1,0 +1,325 @@
+package dispatcher_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/segmentio/kafka-go"
+
+	"github.com/trackstar/trackstar/dispatcher"
+	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/catalog"
+	"github.com/trackstar/trackstar/schemas"
+)
+
+// waitFor polls cond until it holds, failing the test after a deadline.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// partnerRequest is one request a test partner received.
+type partnerRequest struct {
+	at     time.Time
+	method string
+	uri    string // as on the request line
+	header http.Header
+	body   []byte
+}
+
+// partner is a real HTTP server on loopback standing in for an affiliate.
+// handle answers the nth request (1-based) carrying a conversion ID.
+type partner struct {
+	srv    *httptest.Server
+	mu     sync.Mutex
+	reqs   []partnerRequest
+	counts map[string]int
+}
+
+func newPartner(t testing.TB, handle func(w http.ResponseWriter, r *http.Request, nth int)) *partner {
+	p := &partner{counts: map[string]int{}}
+	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		id := r.Header.Get("X-Trackstar-Conversion-Id")
+		p.mu.Lock()
+		p.counts[id]++
+		nth := p.counts[id]
+		p.reqs = append(p.reqs, partnerRequest{at: time.Now(), method: r.Method, uri: r.RequestURI, header: r.Header.Clone(), body: body})
+		p.mu.Unlock()
+		handle(w, r, nth)
+	}))
+	t.Cleanup(p.srv.Close)
+	return p
+}
+
+func (p *partner) requests() []partnerRequest {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.reqs)
+}
+
+// requestsFor returns the requests whose idempotency key is id.
+func (p *partner) requestsFor(id string) []partnerRequest {
+	var out []partnerRequest
+	for _, r := range p.requests() {
+		if r.header.Get("X-Trackstar-Conversion-Id") == id {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// distinct returns how many conversion IDs the partner has seen.
+func (p *partner) distinct() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.counts)
+}
+
+// affiliate returns the YAML of one affiliate entry.
+func affiliate(id int, url string, extra ...string) string {
+	s := fmt.Sprintf("  - id: %d\n    postback:\n      url: %q\n", id, url)
+	for _, e := range extra {
+		s += "      " + e + "\n"
+	}
+	return s
+}
+
+// holder writes a config file with the delivery settings and affiliates
+// given, and loads it.
+func holder(t testing.TB, allowPrivate bool, timeout string, retries string, affiliates ...string) *catalog.Holder {
+	t.Helper()
+	cfg := fmt.Sprintf("allow_private_partner_urls: %v\ndelivery:\n  timeout: %s\n  retries: %s\naffiliates:\n%s",
+		allowPrivate, timeout, retries, strings.Join(affiliates, ""))
+	path := filepath.Join(t.TempDir(), "trackstar.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h, err := catalog.NewHolder(path)
+	if err != nil {
+		t.Fatalf("config does not load: %v\n%s", err, cfg)
+	}
+	return h
+}
+
+// testLogger logs through t, so a failing test shows what the dispatcher said.
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+type tWriter struct{ t testing.TB }
+
+func (w tWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(b)))
+	return len(b), nil
+}
+
+// startDispatcher runs the dispatcher until the test ends, then checks
+// that it stopped cleanly. It fills in what cfg leaves empty.
+func startDispatcher(t testing.TB, cfg dispatcher.Config) *prometheus.Registry {
+	t.Helper()
+	if cfg.DataDir == "" {
+		cfg.DataDir = t.TempDir()
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = testLogger(t)
+	}
+	if cfg.CommitInterval == 0 {
+		cfg.CommitInterval = 100 * time.Millisecond
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- dispatcher.Run(ctx, cfg) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("dispatcher.Run returned %v", err)
+			}
+		case <-time.After(60 * time.Second):
+			t.Errorf("dispatcher.Run did not return after its context ended")
+		}
+	})
+	return cfg.Registry
+}
+
+var convSeq struct {
+	sync.Mutex
+	n int
+}
+
+// newConversion returns an approved conversion of the default goal for
+// affiliate aff, with a sub1 that needs escaping.
+func newConversion(aff uint32) schemas.Conversion {
+	convSeq.Lock()
+	convSeq.n++
+	n := convSeq.n
+	convSeq.Unlock()
+	now := time.Now()
+	return schemas.Conversion{
+		V: schemas.Version, ConversionID: schemas.NewID(now), Version: 1, PostbackEventID: schemas.NewID(now),
+		ClickID: schemas.NewID(now.Add(-time.Minute)), TS: now.UnixMilli(), ClickTS: now.Add(-time.Minute).UnixMilli(),
+		OfferID: 1, AdvertiserID: 1, AffID: aff, Goal: "default", Status: schemas.StatusApproved,
+		SaleAmount: 19_9900, Revenue: 2_5000, Payout: 1_7500, Currency: "USD", CTITSeconds: 60,
+		Source: "test", Sub1: fmt.Sprintf("s%d &x", n),
+	}
+}
+
+// produce writes conversions to trackstar.conversions, keyed by click ID.
+func produce(t testing.TB, addr string, convs ...schemas.Conversion) {
+	t.Helper()
+	w := bus.NewWriter(bus.WriterConfig{Brokers: []string{addr}, Topic: bus.TopicConversions})
+	defer w.Close()
+	msgs := make([]kafka.Message, len(convs))
+	for i, c := range convs {
+		msgs[i] = kafka.Message{Key: []byte(c.ClickID), Value: schemas.EncodeConversion(c)}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := w.WriteMessages(ctx, msgs...); err != nil {
+		t.Fatalf("cannot produce conversions: %v", err)
+	}
+}
+
+// collector reads every partition of a topic from the start until the
+// test ends.
+type collector struct {
+	mu   sync.Mutex
+	msgs []kafka.Message
+}
+
+func collect(t testing.TB, addr, topic string, partitions int) *collector {
+	c := &collector{}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for p := 0; p < partitions; p++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := kafka.NewReader(kafka.ReaderConfig{Brokers: []string{addr}, Topic: topic, Partition: p, MaxWait: 50 * time.Millisecond})
+			defer r.Close()
+			for {
+				m, err := r.ReadMessage(ctx)
+				if err != nil {
+					if ctx.Err() != nil {
+						return
+					}
+					time.Sleep(50 * time.Millisecond)
+					continue
+				}
+				c.mu.Lock()
+				c.msgs = append(c.msgs, m)
+				c.mu.Unlock()
+			}
+		}()
+	}
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+	})
+	return c
+}
+
+func (c *collector) messages() []kafka.Message {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.msgs)
+}
+
+// deliveries returns the delivery records of conversion id (all when
+// id is ""), ordered by attempt.
+func (c *collector) deliveries(t testing.TB, id string) []schemas.Delivery {
+	t.Helper()
+	var out []schemas.Delivery
+	for _, m := range c.messages() {
+		d, err := schemas.DecodeDelivery(m.Value)
+		if err != nil {
+			t.Fatalf("undecodable delivery record %s: %v", m.Value, err)
+		}
+		if string(m.Key) != d.ConversionID {
+			t.Fatalf("delivery record keyed %q, want its conversion_id %q", m.Key, d.ConversionID)
+		}
+		if id == "" || d.ConversionID == id {
+			out = append(out, d)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b schemas.Delivery) int { return int(a.Attempt) - int(b.Attempt) })
+	return out
+}
+
+// hasOutcome reports whether conversion id has a record with outcome.
+func (c *collector) hasOutcome(t testing.TB, id, outcome string) bool {
+	for _, d := range c.deliveries(t, id) {
+		if d.Outcome == outcome {
+			return true
+		}
+	}
+	return false
+}
+
+// metric returns the value of a counter or gauge on reg whose labels
+// include the given name=value pairs (summed over the others).
+func metric(t testing.TB, reg *prometheus.Registry, name string, labels ...string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range mf.GetMetric() {
+			for i := 0; i+1 < len(labels); i += 2 {
+				found := false
+				for _, lp := range m.GetLabel() {
+					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
+						found = true
+					}
+				}
+				if !found {
+					continue next
+				}
+			}
+			switch {
+			case m.Counter != nil:
+				sum += m.Counter.GetValue()
+			case m.Gauge != nil:
+				sum += m.Gauge.GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+// settled reports whether the dispatcher has nothing queued, in flight or
+// scheduled.
+func settled(t testing.TB, reg *prometheus.Registry) bool {
+	return metric(t, reg, "trackstar_dispatcher_queue_depth") == 0 &&
+		metric(t, reg, "trackstar_dispatcher_inflight_requests") == 0 &&
+		metric(t, reg, "trackstar_dispatcher_retries_pending") == 0
+}

@@ -1,0 +1,75 @@
+package dispatcher
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	conversions    *prometheus.CounterVec // consumed, by what became of them
+	deliveries     *prometheus.CounterVec // attempts, by outcome
+	latency        prometheus.Histogram   // attempt durations
+	queueDepth     prometheus.Gauge       // conversions waiting in memory for a worker
+	inflight       prometheus.Gauge       // requests in flight
+	retriesPending prometheus.Gauge       // entries in the durable schedule
+	deferred       *prometheus.CounterVec // sent to the schedule instead of a queue, by reason
+	breakerState   *prometheus.GaugeVec   // per host: 0 closed, 1 open (paused), 2 half-open (probing)
+	breakerTrips   *prometheus.CounterVec // per host: times paused
+	refused        prometheus.Counter     // attempts refused by the SSRF guard
+	commitErrors   prometheus.Counter     // offset commits that failed
+	writeErrors    *prometheus.CounterVec // failed writes of delivery records and dead letters, by topic
+}
+
+func newMetrics(reg *prometheus.Registry) *metrics {
+	m := &metrics{
+		conversions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trackstar_dispatcher_conversions_total",
+			Help: "Conversions consumed, by result: queued (to be delivered), not_wanted (the affiliate has no postback for its status or goal), duplicate (already handled), invalid (undecodable), dropped (a scheduled retry whose postback the config no longer wants).",
+		}, []string{"result"}),
+		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trackstar_dispatcher_deliveries_total",
+			Help: "Partner postback attempts, by outcome: delivered, retrying, failed, dead.",
+		}, []string{"outcome"}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "trackstar_dispatcher_delivery_seconds",
+			Help:    "Duration of partner postback attempts, from the dial or send to the end of the response.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}),
+		queueDepth: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "trackstar_dispatcher_queue_depth",
+			Help: "Conversions waiting in memory for a delivery worker, all hosts together.",
+		}),
+		inflight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "trackstar_dispatcher_inflight_requests",
+			Help: "Partner postback requests in flight.",
+		}),
+		retriesPending: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "trackstar_dispatcher_retries_pending",
+			Help: "Deliveries waiting in the durable schedule: retries, and deliveries deferred by a full queue or a paused host.",
+		}),
+		deferred: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trackstar_dispatcher_deferred_total",
+			Help: "Deliveries sent to the durable schedule instead of a host queue, by reason: queue_full, breaker_open.",
+		}, []string{"reason"}),
+		breakerState: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "trackstar_dispatcher_breaker_state",
+			Help: "Circuit breaker of each partner host: 0 closed, 1 open (paused), 2 half-open (probing).",
+		}, []string{"host"}),
+		breakerTrips: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trackstar_dispatcher_breaker_trips_total",
+			Help: "Times a partner host was paused by its circuit breaker.",
+		}, []string{"host"}),
+		refused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "trackstar_dispatcher_refused_total",
+			Help: "Attempts refused by the SSRF guard: the partner host resolved to no public address.",
+		}),
+		commitErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "trackstar_dispatcher_commit_errors_total",
+			Help: "Offset commits to the consumer group that failed.",
+		}),
+		writeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trackstar_dispatcher_write_errors_total",
+			Help: "Failed writes of delivery records and dead letters to Kafka (each is retried), by topic.",
+		}, []string{"topic"}),
+	}
+	reg.MustRegister(m.conversions, m.deliveries, m.latency, m.queueDepth, m.inflight, m.retriesPending,
+		m.deferred, m.breakerState, m.breakerTrips, m.refused, m.commitErrors, m.writeErrors)
+	return m
+}

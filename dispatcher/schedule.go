@@ -1,0 +1,157 @@
+package dispatcher
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// The schedule lives in Pebble under DataDir/dispatcher. Two key spaces:
+//
+//	's' host 0x00 due(8 bytes, big-endian Unix nanoseconds) jobID -> scheduledJob (JSON)
+//	'm' bucket(4 bytes, big-endian) jobID                         -> empty
+//
+// Schedule entries are grouped by host, then ordered by due time, so the
+// scheduler skips a paused or busy host with one seek and takes a host's
+// due entries in order. Markers ('m') remember which conversions this
+// dispatcher has already handled (scheduled or finished), in time buckets
+// of DedupWindow, so a replayed Kafka record is recognised and old markers
+// are dropped a bucket at a time with one range deletion.
+const (
+	prefixSchedule = 's'
+	prefixMarker   = 'm'
+)
+
+// scheduledJob is the value of a schedule entry: everything needed to make
+// the next attempt, whatever the config says by then.
+type scheduledJob struct {
+	Attempt    uint32          `json:"attempt"`    // number of the next attempt, 1-based
+	LastError  string          `json:"last_error"` // of the previous attempt, "" when deferred before any
+	Partition  int             `json:"partition"`  // of the conversion record
+	Offset     int64           `json:"offset"`     // of the conversion record
+	Conversion json.RawMessage `json:"conversion"` // as consumed from trackstar.conversions
+}
+
+// scheduleStore is the Pebble database of the schedule and the markers.
+type scheduleStore struct {
+	db *pebble.DB
+}
+
+func openScheduleStore(dir string, log *slog.Logger) (*scheduleStore, error) {
+	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{log}})
+	if err != nil {
+		return nil, fmt.Errorf("cannot open retry schedule %q: %w", dir, err)
+	}
+	return &scheduleStore{db: db}, nil
+}
+
+func (s *scheduleStore) Close() error { return s.db.Close() }
+
+// scheduleKey returns the key of jobID's entry for host, due at due.
+func scheduleKey(host string, due time.Time, jobID string) []byte {
+	k := make([]byte, 0, 1+len(host)+1+8+len(jobID))
+	k = append(k, prefixSchedule)
+	k = append(k, host...)
+	k = append(k, 0)
+	k = binary.BigEndian.AppendUint64(k, uint64(max(due.UnixNano(), 0)))
+	return append(k, jobID...)
+}
+
+// parseScheduleKey splits a schedule key. ok is false for a key that is not one.
+func parseScheduleKey(k []byte) (host string, due time.Time, jobID string, ok bool) {
+	if len(k) < 1 || k[0] != prefixSchedule {
+		return "", time.Time{}, "", false
+	}
+	i := bytes.IndexByte(k, 0)
+	if i < 0 || len(k) < i+1+8 {
+		return "", time.Time{}, "", false
+	}
+	host = string(k[1:i])
+	due = time.Unix(0, int64(binary.BigEndian.Uint64(k[i+1:i+9])))
+	return host, due, string(k[i+9:]), true
+}
+
+// hostUpperBound returns the first key after every entry of host.
+func hostUpperBound(host string) []byte {
+	k := make([]byte, 0, len(host)+2)
+	k = append(k, prefixSchedule)
+	k = append(k, host...)
+	return append(k, 1)
+}
+
+func markerKey(bucket uint32, jobID string) []byte {
+	k := make([]byte, 0, 5+len(jobID))
+	k = append(k, prefixMarker)
+	k = binary.BigEndian.AppendUint32(k, bucket)
+	return append(k, jobID...)
+}
+
+// bucketOf returns the marker bucket of t.
+func bucketOf(t time.Time, window time.Duration) uint32 {
+	return uint32(t.Unix() / max(int64(window/time.Second), 1))
+}
+
+// seen reports whether jobID has a marker in the current or the previous
+// bucket: whether this dispatcher scheduled or finished it lately.
+func (s *scheduleStore) seen(jobID string, now time.Time, window time.Duration) (bool, error) {
+	b := bucketOf(now, window)
+	for _, bucket := range []uint32{b, b - 1} {
+		_, closer, err := s.db.Get(markerKey(bucket, jobID))
+		if err == nil {
+			closer.Close()
+			return true, nil
+		}
+		if !errors.Is(err, pebble.ErrNotFound) {
+			return false, fmt.Errorf("cannot read marker of %s: %w", jobID, err)
+		}
+	}
+	return false, nil
+}
+
+// dropOldMarkers deletes every marker bucket older than the previous one.
+func (s *scheduleStore) dropOldMarkers(now time.Time, window time.Duration) error {
+	b := bucketOf(now, window)
+	if b < 2 {
+		return nil
+	}
+	start := []byte{prefixMarker}
+	end := binary.BigEndian.AppendUint32([]byte{prefixMarker}, b-1)
+	if err := s.db.DeleteRange(start, end, pebble.NoSync); err != nil {
+		return fmt.Errorf("cannot drop old markers: %w", err)
+	}
+	return nil
+}
+
+// countScheduled counts the schedule entries.
+func (s *scheduleStore) countScheduled() (int, error) {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixSchedule}, UpperBound: []byte{prefixSchedule + 1}})
+	if err != nil {
+		return 0, fmt.Errorf("cannot read retry schedule: %w", err)
+	}
+	n := 0
+	for valid := it.First(); valid; valid = it.Next() {
+		n++
+	}
+	if err := it.Close(); err != nil {
+		return 0, fmt.Errorf("cannot read retry schedule: %w", err)
+	}
+	return n, nil
+}
+
+// pebbleLogger keeps Pebble's informational chatter out of the role's
+// output and passes its errors on.
+type pebbleLogger struct{ log *slog.Logger }
+
+func (pebbleLogger) Infof(string, ...any) {}
+func (l pebbleLogger) Errorf(format string, args ...any) {
+	l.log.Error("retry schedule store: " + fmt.Sprintf(format, args...))
+}
+func (pebbleLogger) Fatalf(format string, args ...any) {
+	panic("pebble: fatal: " + fmt.Sprintf(format, args...))
+}

@@ -1,0 +1,205 @@
+package dispatcher
+
+import (
+	"errors"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/trackstar/trackstar/internal/catalog"
+)
+
+func TestOffsetTracker(t *testing.T) {
+	f := func(start int64, read []int64, done []int64, want int64) {
+		t.Helper()
+		tr := newOffsetTracker(start)
+		for _, o := range read {
+			tr.add(o)
+		}
+		for _, o := range done {
+			tr.markDone(o)
+		}
+		if got := tr.position(); got != want {
+			t.Fatalf("start %d, read %v, done %v: position %d, want %d", start, read, done, got, want)
+		}
+	}
+	f(-2, nil, nil, -1)                                 // a new group, nothing read
+	f(5, nil, nil, 5)                                   // the committed offset, nothing read
+	f(0, []int64{0, 1, 2}, nil, 0)                      // all in flight
+	f(0, []int64{0, 1, 2}, []int64{1, 2}, 0)            // the first is still in flight: commit nothing past it
+	f(0, []int64{0, 1, 2}, []int64{0, 2}, 1)            // up to the first not done
+	f(0, []int64{0, 1, 2}, []int64{2, 0, 1}, 3)         // all done: the next to read
+	f(10, []int64{10, 12, 15}, []int64{10, 12}, 15)     // gaps in offsets (compaction, markers)
+	f(10, []int64{10, 12, 15}, []int64{10, 12, 15}, 16) // all done across gaps
+	f(0, []int64{0, 1}, []int64{7, 0, 0}, 1)            // unknown and repeated marks are harmless
+	f(-2, []int64{3, 4}, []int64{3, 4}, 5)              // a new group's first reads
+
+	// Many offsets, done out of order, keep memory bounded and the answer right.
+	tr := newOffsetTracker(0)
+	for o := int64(0); o < 10000; o++ {
+		tr.add(o)
+	}
+	for o := int64(9999); o >= 1; o-- {
+		tr.markDone(o)
+	}
+	if got := tr.position(); got != 0 {
+		t.Fatalf("position %d with offset 0 in flight, want 0", got)
+	}
+	tr.markDone(0)
+	if got, n := tr.position(), tr.pending(); got != 10000 || n != 0 {
+		t.Fatalf("position %d, %d pending after all done; want 10000, 0", got, n)
+	}
+}
+
+func TestBreaker(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	const threshold, cooldown = 3, 10 * time.Second
+	var b breaker
+	at := func(d time.Duration) time.Time { return t0.Add(d) }
+
+	for i := 0; i < threshold-1; i++ {
+		if from, to := b.record(true, at(0), threshold, cooldown); from != breakerClosed || to != breakerClosed {
+			t.Fatalf("failure %d moved the breaker %d -> %d", i+1, from, to)
+		}
+	}
+	b.record(false, at(0), threshold, cooldown) // a success resets the count
+	for i := 0; i < threshold-1; i++ {
+		b.record(true, at(0), threshold, cooldown)
+	}
+	if blocked, _ := b.blocked(at(0)); blocked {
+		t.Fatalf("paused after %d failures in a row, want %d", threshold-1, threshold)
+	}
+	if from, to := b.record(true, at(time.Second), threshold, cooldown); from != breakerClosed || to != breakerOpen {
+		t.Fatalf("failure %d: %d -> %d, want closed -> open", threshold, from, to)
+	}
+	if blocked, until := b.blocked(at(5 * time.Second)); !blocked || !until.Equal(at(11*time.Second)) {
+		t.Fatalf("during the cool-down: blocked %v until %v, want until %v", blocked, until, at(11*time.Second))
+	}
+	if ok, _, until := b.allow(at(5*time.Second), at(20*time.Second)); ok || !until.Equal(at(11*time.Second)) {
+		t.Fatalf("allowed during the cool-down")
+	}
+	// After the cool-down: one probe, the others wait for it.
+	ok, probe, _ := b.allow(at(12*time.Second), at(14*time.Second))
+	if !ok || !probe {
+		t.Fatalf("no probe after the cool-down")
+	}
+	if ok, _, until := b.allow(at(12*time.Second), at(16*time.Second)); ok || !until.Equal(at(14*time.Second)) {
+		t.Fatalf("a second request allowed while probing (until %v)", until)
+	}
+	// A failed probe pauses again.
+	if from, to := b.record(true, at(13*time.Second), threshold, cooldown); from != breakerHalfOpen || to != breakerOpen {
+		t.Fatalf("failed probe: %d -> %d, want half-open -> open", from, to)
+	}
+	if blocked, until := b.blocked(at(20 * time.Second)); !blocked || !until.Equal(at(23*time.Second)) {
+		t.Fatalf("after a failed probe: blocked %v until %v", blocked, until)
+	}
+	// A probe lost without an answer is replaced after its end.
+	b.allow(at(24*time.Second), at(26*time.Second))
+	if ok, probe, _ := b.allow(at(27*time.Second), at(29*time.Second)); !ok || !probe {
+		t.Fatalf("a lost probe was not replaced")
+	}
+	// A successful probe closes it.
+	if from, to := b.record(false, at(28*time.Second), threshold, cooldown); from != breakerHalfOpen || to != breakerClosed {
+		t.Fatalf("successful probe: %d -> %d, want half-open -> closed", from, to)
+	}
+	if ok, probe, _ := b.allow(at(28*time.Second), at(30*time.Second)); !ok || probe {
+		t.Fatalf("closed breaker does not allow plain requests")
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	f := func(v string, want time.Duration, wantOK bool) {
+		t.Helper()
+		got, ok := parseRetryAfter([]byte(v), now)
+		if got != want || ok != wantOK {
+			t.Fatalf("parseRetryAfter(%q) = %v, %v; want %v, %v", v, got, ok, want, wantOK)
+		}
+	}
+	f("", 0, false)
+	f("soon", 0, false)
+	f("-5", 0, false)
+	f("0", 0, true)
+	f(" 120 ", 2*time.Minute, true)
+	f("999999999999", maxRetryAfter, true)
+	f(now.Add(90*time.Second).Format(http.TimeFormat), 90*time.Second, true)
+	f("Sunday, 01-Mar-26 12:00:30 GMT", 30*time.Second, true) // RFC 850
+	f(now.Add(-time.Hour).Format(http.TimeFormat), 0, true)
+	f(now.Add(48*time.Hour).Format(http.TimeFormat), maxRetryAfter, true)
+}
+
+func TestHostOf(t *testing.T) {
+	f := func(url, want string) {
+		t.Helper()
+		if got := hostOf([]byte(url)); got != want {
+			t.Fatalf("hostOf(%q) = %q, want %q", url, got, want)
+		}
+	}
+	f("https://Partner.Example/pb?x=1", "partner.example")
+	f("http://partner.example:8080?x=1", "partner.example:8080")
+	f("http://user:pw@partner.example#frag", "partner.example")
+	f("http://[2001:db8::1]:81/x", "[2001:db8::1]:81")
+}
+
+// The signature matches what `openssl dgst -sha256 -hmac k3y` gives for
+// "1700000000./pb?tx=abc&p=1.75".
+func TestSign(t *testing.T) {
+	got := sign("k3y", 1700000000, []byte("/pb?tx=abc&p=1.75"))
+	want := "t=1700000000,v1=f580ccb0b614e61a4f2e9e137471411f4c51324c91130dbe7e810cc12ad75c35"
+	if got != want {
+		t.Fatalf("sign = %s, want %s", got, want)
+	}
+}
+
+// The send-time guard, with the system resolver: names and literals that
+// land on non-public addresses are refused unless the config allows them.
+func TestDialGuard(t *testing.T) {
+	load := func(allowPrivate bool) *catalog.Holder {
+		path := filepath.Join(t.TempDir(), "c.yaml")
+		yaml := "allow_private_partner_urls: false\n"
+		if allowPrivate {
+			yaml = "allow_private_partner_urls: true\n"
+		}
+		if err := os.WriteFile(path, []byte(yaml), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		h, err := catalog.NewHolder(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	f := func(allowPrivate bool, addr string, wantRefused bool) {
+		t.Helper()
+		cfg := Config{Brokers: []string{"x"}, DataDir: "x", Catalog: load(allowPrivate)}
+		if err := cfg.setDefaults(); err != nil {
+			t.Fatal(err)
+		}
+		e := &engine{cfg: &cfg}
+		conn, err := e.dial(addr, 2*time.Second)
+		if conn != nil {
+			conn.Close()
+		}
+		var refused *refusedError
+		if got := errors.As(err, &refused); got != wantRefused {
+			t.Fatalf("dial(%s) with allow_private=%v: err %v, want refused=%v", addr, allowPrivate, err, wantRefused)
+		}
+		if wantRefused && !strings.Contains(err.Error(), "refused") {
+			t.Fatalf("refusal says %q", err)
+		}
+	}
+	// Port 9 (discard) on loopback: when allowed, the dial is made (and
+	// fails or not), but it is not refused.
+	f(false, "localhost:9", true)
+	f(false, "127.0.0.1:9", true)
+	f(false, "[::ffff:127.0.0.1]:9", true)
+	f(false, "10.1.2.3:9", true)
+	f(false, "169.254.169.254:80", true)
+	f(false, "[fe80::1]:80", true)
+	f(false, "0.0.0.0:9", true)
+	f(true, "localhost:9", false)
+	f(true, "127.0.0.1:9", false)
+}
