@@ -24,10 +24,10 @@ type TopicsConfig struct {
 	// default.replication.factor.
 	ReplicationFactor int
 
-	// Retention of clicks and postbacks. It must cover the longest
-	// attribution window plus a margin, since a partition that moves is
-	// rebuilt from the clicks topic; brokers default to 7 days. Default:
-	// broker default.
+	// Retention of clicks, postbacks and conversions. It must cover the
+	// longest attribution window plus a margin, since a partition that moves
+	// is rebuilt from the clicks and conversions topics; brokers default to
+	// 7 days. Default: broker default.
 	Retention time.Duration
 
 	Logger *slog.Logger // default slog.Default()
@@ -39,8 +39,8 @@ var ErrUnequalPartitions = errors.New("clicks and postbacks topics have differen
 
 // EnsureTopics creates the missing Trackstar topics and checks the existing
 // ones. It refuses an existing cluster whose clicks and postbacks topics
-// differ in partition count, and raises retention.ms on them when it is
-// shorter than cfg.Retention. It returns the partition count of clicks.
+// differ in partition count, and raises retention.ms on the topics the
+// attributor rebuilds from when it is shorter than cfg.Retention. It returns the partition count of clicks.
 func EnsureTopics(ctx context.Context, cfg TopicsConfig) (int, error) {
 	if cfg.Partitions <= 0 {
 		cfg.Partitions = 12
@@ -70,7 +70,7 @@ func EnsureTopics(ctx context.Context, cfg TopicsConfig) (int, error) {
 		if tc.ReplicationFactor <= 0 {
 			tc.ReplicationFactor = -1
 		}
-		if cfg.Retention > 0 && (t == TopicClicks || t == TopicPostbacks) {
+		if cfg.Retention > 0 && windowTopic(t) {
 			tc.ConfigEntries = []kafka.ConfigEntry{{ConfigName: "retention.ms", ConfigValue: strconv.FormatInt(cfg.Retention.Milliseconds(), 10)}}
 		}
 		create = append(create, tc)
@@ -105,6 +105,11 @@ func EnsureTopics(ctx context.Context, cfg TopicsConfig) (int, error) {
 		}
 	}
 	return nc, nil
+}
+
+// windowTopic reports whether t must be kept for the attribution window.
+func windowTopic(t string) bool {
+	return t == TopicClicks || t == TopicPostbacks || t == TopicConversions
 }
 
 func pairOf(t string) string {
@@ -157,7 +162,7 @@ func waitForTopics(ctx context.Context, client *kafka.Client) (map[string]int, e
 
 func ensureRetention(ctx context.Context, client *kafka.Client, want time.Duration, log *slog.Logger) error {
 	var res []kafka.DescribeConfigRequestResource
-	for _, t := range []string{TopicClicks, TopicPostbacks} {
+	for _, t := range []string{TopicClicks, TopicPostbacks, TopicConversions} {
 		res = append(res, kafka.DescribeConfigRequestResource{ResourceType: kafka.ResourceTypeTopic, ResourceName: t, ConfigNames: []string{"retention.ms"}})
 	}
 	resp, err := client.DescribeConfigs(ctx, &kafka.DescribeConfigsRequest{Resources: res})

@@ -87,20 +87,37 @@ func TestEnsureTopics(t *testing.T) {
 		t.Fatalf("EnsureTopics with existing topics = %d, %v; want 4, nil", n, err)
 	}
 	client := &kafka.Client{Addr: kafka.TCP(addr)}
+	for _, topic := range []string{bus.TopicClicks, bus.TopicPostbacks, bus.TopicConversions} {
+		resp, err := client.DescribeConfigs(ctx, &kafka.DescribeConfigsRequest{Resources: []kafka.DescribeConfigRequestResource{
+			{ResourceType: kafka.ResourceTypeTopic, ResourceName: topic, ConfigNames: []string{"retention.ms"}},
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := ""
+		for _, e := range resp.Resources[0].ConfigEntries {
+			if e.ConfigName == "retention.ms" {
+				got = e.ConfigValue
+			}
+		}
+		if want := fmt.Sprint((31 * 24 * time.Hour).Milliseconds()); got != want {
+			t.Fatalf("%s retention.ms = %q, want %q", topic, got, want)
+		}
+	}
+
+	// A topic created with too short a retention is raised.
+	cfg.Retention = 40 * 24 * time.Hour
+	if _, err := bus.EnsureTopics(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
 	resp, err := client.DescribeConfigs(ctx, &kafka.DescribeConfigsRequest{Resources: []kafka.DescribeConfigRequestResource{
-		{ResourceType: kafka.ResourceTypeTopic, ResourceName: bus.TopicClicks, ConfigNames: []string{"retention.ms"}},
+		{ResourceType: kafka.ResourceTypeTopic, ResourceName: bus.TopicConversions, ConfigNames: []string{"retention.ms"}},
 	}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := ""
-	for _, e := range resp.Resources[0].ConfigEntries {
-		if e.ConfigName == "retention.ms" {
-			got = e.ConfigValue
-		}
-	}
-	if want := fmt.Sprint((31 * 24 * time.Hour).Milliseconds()); got != want {
-		t.Fatalf("clicks retention.ms = %q, want %q", got, want)
+	if got, want := resp.Resources[0].ConfigEntries[0].ConfigValue, fmt.Sprint((40 * 24 * time.Hour).Milliseconds()); got != want {
+		t.Fatalf("raised conversions retention.ms = %q, want %q", got, want)
 	}
 }
 

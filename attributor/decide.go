@@ -1,0 +1,216 @@
+package attributor
+
+import (
+	"github.com/trackstar/trackstar/internal/catalog"
+	"github.com/trackstar/trackstar/schemas"
+)
+
+// SlotKey names the conversion a postback may update: its slot. A goal
+// that allows one conversion per click has a slot per (click, goal); a
+// "multiple" goal with a txn_id has one per (offer, goal, txn_id). Any
+// postback with a txn_id also claims (offer, goal, txn_id), so that another
+// click cannot convert again with the same transaction.
+type SlotKey struct {
+	ClickID string // the per-click slot, when TxnID is empty
+	OfferID uint32 // with Goal and TxnID: the per-transaction slot
+	Goal    string
+	TxnID   string
+}
+
+func clickSlot(clickID, goal string) SlotKey { return SlotKey{ClickID: clickID, Goal: goal} }
+
+func txnSlot(offerID uint32, goal, txnID string) SlotKey {
+	return SlotKey{OfferID: offerID, Goal: goal, TxnID: txnID}
+}
+
+// Slot is the latest state of one conversion.
+type Slot struct {
+	ConversionID string
+	Version      uint32
+	Status       string
+	ClickID      string
+	SaleAmount   schemas.Amount // kept so that an update without an amount keeps it
+	Currency     string
+}
+
+// Slots is what Decide may read of the earlier conversions.
+type Slots interface {
+	Slot(SlotKey) (Slot, bool)
+}
+
+// SlotSave is a slot state a Decision asks to store.
+type SlotSave struct {
+	Key  SlotKey
+	Slot Slot
+}
+
+// Decision is the outcome of one postback: the conversion record to emit
+// and the slot states to store with it.
+type Decision struct {
+	Conversion schemas.Conversion
+	Saves      []SlotSave
+}
+
+// Decide applies the attribution rules to one postback. click is the
+// postback's click, or nil when none is known (the caller has waited the
+// grace period for it). Decide reads nothing but its arguments: the same
+// inputs give the same decision, which is what makes a replayed postback
+// re-emit the same record.
+//
+// Every time rule is measured from the click's time to the postback's (the
+// time the edge received it), never to the time the attributor happens to
+// run, so a backlog does not change outcomes. The checks run in this order,
+// the first that fails deciding the reason: unknown_click (or expired, when
+// the click ID is older than any offer's window), advertiser_mismatch,
+// unknown_goal (also when the click's offer left the config), expired,
+// ctit_too_short, then deduplication against the slot: a different click
+// already holding the txn_id, or the same status again, is a duplicate; a
+// different status updates the slot's conversion (same conversion_id,
+// version+1). A postback with status rejected is advertiser_rejected, and
+// takes or updates the slot like any other status.
+func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas.Postback) Decision {
+	goalID := pb.Goal
+	if goalID == "" {
+		goalID = catalog.DefaultGoal
+	}
+	amount, hasAmount := schemas.Amount(0), false
+	if pb.Amount != "" {
+		if a, err := schemas.ParseAmount(pb.Amount); err == nil {
+			amount, hasAmount = a, true
+		}
+	}
+	c := schemas.Conversion{
+		V:               schemas.Version,
+		ConversionID:    pb.EventID,
+		Version:         1,
+		PostbackEventID: pb.EventID,
+		ClickID:         pb.ClickID,
+		TS:              pb.TS,
+		AdvertiserID:    pb.AdvertiserID,
+		Goal:            goalID,
+		TxnID:           pb.TxnID,
+		SaleAmount:      amount,
+		Currency:        pb.Currency,
+	}
+	reject := func(reason string) Decision {
+		c.Status, c.RejectReason = schemas.StatusRejected, reason
+		return Decision{Conversion: c}
+	}
+
+	if click == nil {
+		if ms, err := schemas.IDTime(pb.ClickID); err == nil && pb.TS-ms > cat.MaxAttributionWindow().Milliseconds() {
+			return reject(schemas.RejectExpired)
+		}
+		return reject(schemas.RejectUnknownClick)
+	}
+	c.ClickTS, c.OfferID, c.AffID = click.TS, click.OfferID, click.AffID
+	c.Source, c.Sub1, c.Sub2, c.Sub3, c.Sub4, c.Sub5 = click.Source, click.Sub1, click.Sub2, click.Sub3, click.Sub4, click.Sub5
+	ctit := max(pb.TS-click.TS, 0) // a little clock skew between edges is not a negative time
+	c.CTITSeconds = ctit / 1000
+
+	offer := cat.Offer(click.OfferID)
+	clickAdvertiser := click.AdvertiserID
+	if clickAdvertiser == 0 && offer != nil {
+		clickAdvertiser = offer.AdvertiserID
+	}
+	if pb.AdvertiserID != clickAdvertiser {
+		return reject(schemas.RejectAdvertiserMismatch)
+	}
+	if offer == nil {
+		return reject(schemas.RejectUnknownGoal)
+	}
+	if c.Currency == "" {
+		c.Currency = offer.Currency
+	}
+	goal := offer.Goal(goalID)
+	if goal == nil {
+		return reject(schemas.RejectUnknownGoal)
+	}
+	if ctit > offer.AttributionWindow.Milliseconds() {
+		return reject(schemas.RejectExpired)
+	}
+	if ctit < offer.MinCTIT.Milliseconds() {
+		return reject(schemas.RejectCTITTooShort)
+	}
+
+	var claim SlotKey
+	if pb.TxnID != "" {
+		claim = txnSlot(click.OfferID, goalID, pb.TxnID)
+		if s, ok := slots.Slot(claim); ok && s.ClickID != click.ClickID {
+			return reject(schemas.RejectDuplicate)
+		}
+	}
+	key := clickSlot(click.ClickID, goalID)
+	if goal.Multiple && pb.TxnID != "" {
+		key = claim
+	}
+	status := pb.Status
+	if status != schemas.StatusPending && status != schemas.StatusRejected {
+		status = schemas.StatusApproved
+	}
+	prev, update := slots.Slot(key)
+	if update {
+		if prev.Status == status {
+			return reject(schemas.RejectDuplicate)
+		}
+		c.ConversionID, c.Version = prev.ConversionID, prev.Version+1
+		if !hasAmount {
+			c.SaleAmount = prev.SaleAmount
+		}
+		if pb.Currency == "" && prev.Currency != "" {
+			c.Currency = prev.Currency
+		}
+	}
+	c.Status = status
+	if status == schemas.StatusRejected {
+		c.RejectReason = schemas.RejectAdvertiserRejected
+	} else {
+		c.Revenue = goal.Revenue.Apply(c.SaleAmount)
+		c.Payout = goal.Payout.Apply(c.SaleAmount)
+	}
+
+	d := Decision{Conversion: c}
+	d.Saves = append(d.Saves, SlotSave{Key: key, Slot: slotOf(&c)})
+	if pb.TxnID != "" && key != claim {
+		if _, ok := slots.Slot(claim); !ok {
+			d.Saves = append(d.Saves, SlotSave{Key: claim, Slot: slotOf(&c)})
+		}
+	}
+	return d
+}
+
+// Restore returns the slot states an emitted conversion record implies: what
+// Decide saved when it made it. A partition that moves to another member
+// gets its slots back this way, from the conversions topic. Records that
+// reject a postback (other than advertiser_rejected) hold no slot.
+func Restore(cat *catalog.Catalog, c *schemas.Conversion) []SlotSave {
+	if c.Status == schemas.StatusRejected && c.RejectReason != schemas.RejectAdvertiserRejected {
+		return nil
+	}
+	multiple := false
+	if o := cat.Offer(c.OfferID); o != nil {
+		if g := o.Goal(c.Goal); g != nil {
+			multiple = g.Multiple
+		}
+	}
+	s := slotOf(c)
+	if c.TxnID == "" {
+		return []SlotSave{{Key: clickSlot(c.ClickID, c.Goal), Slot: s}}
+	}
+	claim := SlotSave{Key: txnSlot(c.OfferID, c.Goal, c.TxnID), Slot: s}
+	if multiple {
+		return []SlotSave{claim}
+	}
+	return []SlotSave{{Key: clickSlot(c.ClickID, c.Goal), Slot: s}, claim}
+}
+
+func slotOf(c *schemas.Conversion) Slot {
+	return Slot{
+		ConversionID: c.ConversionID,
+		Version:      c.Version,
+		Status:       c.Status,
+		ClickID:      c.ClickID,
+		SaleAmount:   c.SaleAmount,
+		Currency:     c.Currency,
+	}
+}

@@ -1,0 +1,573 @@
+package attributor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/segmentio/kafka-go"
+
+	"github.com/trackstar/trackstar/internal/bus"
+)
+
+// errStore marks errors of the state store: the member cannot go on
+// without it, unlike Kafka trouble, which a rejoin may cure.
+var errStore = errors.New("state store failed")
+
+func storeErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", errStore, err)
+}
+
+// worker runs one partition pair for the length of a group generation.
+type worker struct {
+	a         *attributor
+	id        int
+	committer *groupCommitter
+	// Offsets the group had committed when the generation began (-1: none).
+	groupClicks, groupPostbacks int64
+
+	p          *partition
+	lastCommit time.Time
+	lastExpire time.Time
+}
+
+// feed reads one topic partition into a channel.
+type feed struct {
+	topic string
+	r     *kafka.Reader
+	ch    chan kafka.Message
+	errc  chan error
+	hw    int64 // high watermark as last seen on a record
+
+	// The high watermark as last asked of the broker, and when: a feed
+	// is caught up only while the broker confirms it, so that a partition
+	// whose leader cannot be reached does not pass for one with nothing
+	// left to read.
+	polled   atomic.Int64
+	polledAt atomic.Int64 // Unix ns
+}
+
+func (w *worker) startFeed(ctx context.Context, topic string, offset, hw int64) (*feed, error) {
+	r := kafka.NewReader(kafka.ReaderConfig{
+		Brokers:         w.a.cfg.Brokers,
+		Topic:           topic,
+		Partition:       w.id,
+		MinBytes:        1,
+		MaxBytes:        8 << 20,
+		MaxWait:         500 * time.Millisecond,
+		QueueCapacity:   1000,
+		ReadLagInterval: -1,
+		ErrorLogger: kafka.LoggerFunc(func(msg string, args ...any) {
+			w.a.log.Warn("kafka reader: "+fmt.Sprintf(msg, args...), "topic", topic, "partition", w.id)
+		}),
+	})
+	if err := r.SetOffset(offset); err != nil {
+		r.Close()
+		return nil, fmt.Errorf("cannot seek %s/%d to offset %d: %w", topic, w.id, offset, err)
+	}
+	f := &feed{topic: topic, r: r, ch: make(chan kafka.Message, 1000), errc: make(chan error, 1), hw: hw}
+	f.polled.Store(hw)
+	f.polledAt.Store(time.Now().UnixNano())
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if hw, err := w.lastOffset(ctx, topic); err == nil {
+				f.polled.Store(hw)
+				f.polledAt.Store(time.Now().UnixNano())
+			}
+		}
+	}()
+	go func() {
+		for {
+			m, err := r.FetchMessage(ctx)
+			if err != nil {
+				if ctx.Err() == nil {
+					f.errc <- fmt.Errorf("cannot read %s/%d: %w", topic, w.id, err)
+				}
+				return
+			}
+			select {
+			case f.ch <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return f, nil
+}
+
+// end returns the high watermark as last known.
+func (f *feed) end() int64 { return max(f.hw, f.polled.Load()) }
+
+// caughtUp reports whether everything up to the high watermark has been
+// applied, the broker having confirmed the watermark in the last seconds.
+func (f *feed) caughtUp(next int64) bool {
+	fresh := time.Since(time.Unix(0, f.polledAt.Load())) < 5*time.Second
+	return fresh && len(f.ch) == 0 && next >= f.end()
+}
+
+// run prepares the partition's state (loading it, or rebuilding it when
+// there is none or it is stale), then applies what the two topics bring
+// until ctx ends.
+func (w *worker) run(ctx context.Context) error {
+	a := w.a
+	log := a.log.With("partition", w.id)
+	w.p = newPartition(a.db, w.id, a.cfg.Grace, a.m)
+	defer w.p.close()
+	hasState, err := w.p.load()
+	if err != nil {
+		return storeErr(err)
+	}
+	valid := hasState && w.offsetsMatch()
+	if !valid {
+		if hasState {
+			log.Info("local state is stale (another member processed the partition since); rebuilding",
+				"group_clicks", w.groupClicks, "group_postbacks", w.groupPostbacks)
+		}
+		a.setRebuilding(w.id, true)
+		err := w.rebuild(ctx)
+		a.setRebuilding(w.id, false)
+		if err != nil {
+			return err
+		}
+	} else if err := w.flushOutbox(ctx); err != nil {
+		return err
+	}
+
+	clicksHW, err := w.lastOffset(ctx, bus.TopicClicks)
+	if err != nil {
+		return err
+	}
+	postbacksHW, err := w.lastOffset(ctx, bus.TopicPostbacks)
+	if err != nil {
+		return err
+	}
+	fctx, stopFeeds := context.WithCancel(ctx)
+	var readers []*kafka.Reader
+	defer func() {
+		stopFeeds()
+		for _, r := range readers {
+			r.Close()
+		}
+	}()
+	clicks, err := w.startFeed(fctx, bus.TopicClicks, w.p.meta.ClicksNext, clicksHW)
+	if err != nil {
+		return err
+	}
+	readers = append(readers, clicks.r)
+	// Postbacks wait until the clicks there were at the start are in the
+	// store: after a rebuild or a long stop, that is most of them, and
+	// their postbacks need not be held.
+	var postbacks *feed
+	var postbackCh <-chan kafka.Message
+	var postbackErr <-chan error
+	log.Info("partition worker started", "clicks_offset", w.p.meta.ClicksNext, "clicks_end", clicksHW,
+		"postbacks_offset", w.p.meta.PostbacksNext, "postbacks_end", postbacksHW, "held", w.p.heldCount, "rebuilt", !valid)
+
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	w.lastCommit, w.lastExpire = time.Now(), time.Now()
+	var cm, pm []kafka.Message
+	for {
+		if postbacks == nil && w.p.meta.ClicksNext >= clicksHW {
+			if postbacks, err = w.startFeed(fctx, bus.TopicPostbacks, w.p.meta.PostbacksNext, postbacksHW); err != nil {
+				return err
+			}
+			readers = append(readers, postbacks.r)
+			postbackCh, postbackErr = postbacks.ch, postbacks.errc
+		}
+		cm, pm = cm[:0], pm[:0]
+		select {
+		case <-ctx.Done():
+			return w.shutdown()
+		case err := <-clicks.errc:
+			return err
+		case err := <-postbackErr:
+			return err
+		case m := <-clicks.ch:
+			cm = append(cm, m)
+		case m := <-postbackCh:
+			pm = append(pm, m)
+		case <-tick.C:
+		}
+	drain:
+		for len(cm)+len(pm) < a.cfg.MaxBatch {
+			select {
+			case m := <-clicks.ch:
+				cm = append(cm, m)
+			case m := <-postbackCh:
+				pm = append(pm, m)
+			default:
+				break drain
+			}
+		}
+		if n := len(cm); n > 0 {
+			clicks.hw = max(clicks.hw, cm[n-1].HighWaterMark)
+		}
+		if n := len(pm); n > 0 {
+			postbacks.hw = max(postbacks.hw, pm[n-1].HighWaterMark)
+		}
+		if err := w.apply(ctx, clicks, postbacks, cm, pm); err != nil {
+			return err
+		}
+		a.m.setLag("clicks", w.id, clicks.end()-w.p.meta.ClicksNext)
+		if postbacks != nil {
+			a.m.setLag("postbacks", w.id, postbacks.end()-w.p.meta.PostbacksNext)
+		}
+
+		now := time.Now()
+		if now.Sub(w.lastCommit) >= a.cfg.CommitInterval {
+			if err := w.commitGroup(); err != nil {
+				return err
+			}
+		}
+		if now.Sub(w.lastExpire) >= a.cfg.ExpireInterval {
+			w.lastExpire = now
+			if err := w.p.expire(a.cfg.Catalog.Current(), now); err != nil {
+				return storeErr(err)
+			}
+		}
+	}
+}
+
+// apply applies one batch: clicks first (a postback in the same batch
+// then finds its click), then the held postbacks that are due, then the
+// postbacks. It stores the result with its offsets, sends the decided
+// conversions and, once Kafka has them, clears them from the outbox.
+func (w *worker) apply(ctx context.Context, clicks, postbacks *feed, cm, pm []kafka.Message) error {
+	p, a := w.p, w.a
+	start := time.Now()
+	cat := a.cfg.Catalog.Current()
+	wk := p.begin()
+	for i := range cm {
+		if err := p.addClick(wk, cat, cm[i].Offset, cm[i].Value); err != nil {
+			wk.b.Close()
+			return storeErr(err)
+		}
+	}
+	p.clicksCaughtUp = clicks.caughtUp(p.meta.ClicksNext)
+	if err := p.resolveDue(wk, cat, start); err != nil {
+		wk.b.Close()
+		return storeErr(err)
+	}
+	for i := range pm {
+		if err := p.addPostback(wk, cat, pm[i].Offset, pm[i].Value, start); err != nil {
+			wk.b.Close()
+			return storeErr(err)
+		}
+	}
+	if postbacks != nil {
+		p.postbacksCaughtUp = postbacks.caughtUp(p.meta.PostbacksNext)
+	}
+	if len(cm)+len(pm) == 0 && wk.b.Empty() {
+		wk.b.Close()
+		return nil
+	}
+	out := wk.out
+	if err := p.commit(wk); err != nil {
+		return storeErr(err)
+	}
+	a.m.batchSeconds.Observe(time.Since(start).Seconds())
+	if a.crash("stored", len(out)) {
+		return errCrashed
+	}
+	if err := w.send(ctx, out); err != nil {
+		return err
+	}
+	if a.crash("sent", len(out)) {
+		return errCrashed
+	}
+	return storeErr(p.acked(out))
+}
+
+func (a *attributor) crash(step string, records int) bool {
+	if a.crashed.Load() {
+		return true
+	}
+	if a.cfg.hooks != nil && a.cfg.hooks.crash != nil && a.cfg.hooks.crash(step, records) {
+		a.crashed.Store(true)
+		return true
+	}
+	return false
+}
+
+// send produces conversions and waits until Kafka has acknowledged them all,
+// retrying what failed. It gives up only when ctx ends, leaving the rest in
+// the outbox for the next run.
+func (w *worker) send(ctx context.Context, out []outRecord) error {
+	if len(out) == 0 {
+		return nil
+	}
+	// The record time is what a rebuild looks conversions up by.
+	now := time.Now()
+	msgs := make([]kafka.Message, len(out))
+	for i, r := range out {
+		msgs[i] = kafka.Message{Key: r.key, Value: r.value, Time: now}
+	}
+	backoff := 100 * time.Millisecond
+	for {
+		// Not ctx itself: a write cancelled halfway may still land, and
+		// the generation should end with its conversions sent if it can.
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		err := w.a.writer.WriteMessages(wctx, msgs...)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		var werrs kafka.WriteErrors
+		if errors.As(err, &werrs) && len(werrs) == len(msgs) {
+			failed := msgs[:0]
+			for i, e := range werrs {
+				if e != nil {
+					failed = append(failed, msgs[i])
+				}
+			}
+			msgs = failed
+		}
+		w.a.log.Warn("cannot produce conversions; retrying", "partition", w.id, "records", len(msgs), "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cannot produce conversions of partition %d before stopping: %w", w.id, err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// flushOutbox sends what a previous run decided but did not see
+// acknowledged.
+func (w *worker) flushOutbox(ctx context.Context) error {
+	out, err := w.p.pendingOutbox()
+	if err != nil {
+		return storeErr(err)
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	w.a.log.Info("sending conversions left in the outbox", "partition", w.id, "records", len(out))
+	if err := w.send(ctx, out); err != nil {
+		return err
+	}
+	return storeErr(w.p.acked(out))
+}
+
+// offsetsMatch reports whether the group's committed offsets are ones this
+// store committed (or tried to): then no other member has processed the
+// partition since, and the local state is current.
+func (w *worker) offsetsMatch() bool {
+	m := &w.p.meta
+	return w.groupClicks == m.ConfirmedClicks && w.groupPostbacks == m.ConfirmedPostbacks ||
+		w.groupClicks == m.AttemptClicks && w.groupPostbacks == m.AttemptPostbacks
+}
+
+// commitGroup commits the partition's offsets to the consumer group. The
+// store first records what it is about to commit, synced (which also makes
+// every batch before it durable): the group never names offsets beyond
+// state this member could lose.
+func (w *worker) commitGroup() error {
+	w.lastCommit = time.Now()
+	p := w.p
+	clicks, postbacks := p.commitOffsets()
+	if clicks == p.meta.ConfirmedClicks && postbacks == p.meta.ConfirmedPostbacks {
+		return nil
+	}
+	p.meta.AttemptClicks, p.meta.AttemptPostbacks = clicks, postbacks
+	if err := w.a.db.Set(metaKey(w.id), p.meta.append(nil), pebble.Sync); err != nil {
+		return storeErr(fmt.Errorf("cannot store offsets of partition %d: %w", w.id, err))
+	}
+	if err := w.committer.commit(w.id, clicks, postbacks); err != nil {
+		// Not fatal: the next commit covers these offsets too.
+		w.a.log.Warn("cannot commit offsets", "partition", w.id, "err", err)
+		return nil
+	}
+	p.meta.ConfirmedClicks, p.meta.ConfirmedPostbacks = clicks, postbacks
+	return nil
+}
+
+// shutdown ends the worker at the end of its generation: the outbox is
+// already empty (apply sends before it returns), so only offsets remain.
+func (w *worker) shutdown() error {
+	if w.a.crashed.Load() {
+		return nil
+	}
+	if err := w.commitGroup(); err != nil {
+		return err
+	}
+	// Record the confirmation too, so a restart finds its own offsets.
+	return storeErr(w.a.db.Set(metaKey(w.id), w.p.meta.append(nil), pebble.Sync))
+}
+
+// rebuild builds the state of a partition gained without (current) local
+// state: it drops what there was, restores the decisions of the
+// attribution window from the conversions topic, and sets the offsets so
+// that clicks are read again from the window's beginning and postbacks
+// from the group's committed offset.
+func (w *worker) rebuild(ctx context.Context) error {
+	a, p := w.a, w.p
+	a.m.rebuilds.Inc()
+	if err := dropPartition(a.db, w.id); err != nil {
+		return storeErr(err)
+	}
+	*p = *newPartition(a.db, w.id, a.cfg.Grace, a.m)
+	since := time.Now().Add(-a.cfg.Catalog.Current().MaxAttributionWindow() - a.cfg.Grace)
+
+	clicksStart, err := w.offsetAt(ctx, bus.TopicClicks, since)
+	if err != nil {
+		return err
+	}
+	postbacksStart := w.groupPostbacks
+	if postbacksStart < 0 {
+		if postbacksStart, err = w.offsetAt(ctx, bus.TopicPostbacks, since); err != nil {
+			return err
+		}
+	}
+	n, err := w.restoreConversions(ctx, since)
+	if err != nil {
+		return err
+	}
+	p.meta = meta{
+		ClicksNext: clicksStart, PostbacksNext: postbacksStart,
+		AttemptClicks: w.groupClicks, AttemptPostbacks: w.groupPostbacks,
+		ConfirmedClicks: w.groupClicks, ConfirmedPostbacks: w.groupPostbacks,
+	}
+	if err := a.db.Set(metaKey(w.id), p.meta.append(nil), pebble.Sync); err != nil {
+		return storeErr(fmt.Errorf("cannot store offsets of partition %d: %w", w.id, err))
+	}
+	a.log.Info("partition state rebuilt", "partition", w.id, "window_start", since.UTC().Format(time.RFC3339),
+		"clicks_from", clicksStart, "postbacks_from", postbacksStart, "conversions_restored", n)
+	return nil
+}
+
+// restoreConversions reads the conversions of the partition since the
+// window's beginning back into the store. Conversions are keyed by click
+// ID like clicks and postbacks, so partition p of the conversions topic
+// holds exactly those of partition p's clicks, when the counts are equal.
+func (w *worker) restoreConversions(ctx context.Context, since time.Time) (int, error) {
+	a, p := w.a, w.p
+	md, err := a.client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{bus.TopicClicks, bus.TopicConversions}})
+	if err != nil {
+		return 0, fmt.Errorf("cannot read topic metadata: %w", err)
+	}
+	counts := map[string]int{}
+	for _, t := range md.Topics {
+		counts[t.Name] = len(t.Partitions)
+	}
+	if counts[bus.TopicConversions] != counts[bus.TopicClicks] {
+		a.log.Error("cannot restore earlier conversions: the conversions topic has another partition count than clicks; "+
+			"deduplication and status updates will not see conversions decided before this partition moved",
+			"partition", w.id, "clicks_partitions", counts[bus.TopicClicks], "conversions_partitions", counts[bus.TopicConversions])
+		return 0, nil
+	}
+	end, err := w.lastOffset(ctx, bus.TopicConversions)
+	if err != nil {
+		return 0, err
+	}
+	start, err := w.offsetAt(ctx, bus.TopicConversions, since)
+	if err != nil || start >= end {
+		return 0, err
+	}
+	r := kafka.NewReader(kafka.ReaderConfig{
+		Brokers: a.cfg.Brokers, Topic: bus.TopicConversions, Partition: w.id,
+		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: 500 * time.Millisecond, ReadLagInterval: -1,
+	})
+	defer r.Close()
+	if err := r.SetOffset(start); err != nil {
+		return 0, fmt.Errorf("cannot seek %s/%d: %w", bus.TopicConversions, w.id, err)
+	}
+	cat := a.cfg.Catalog.Current()
+	wk := p.begin()
+	defer func() { wk.b.Close() }()
+	n := 0
+	for next := start; next < end; {
+		m, err := r.FetchMessage(ctx)
+		if err != nil {
+			return n, fmt.Errorf("cannot read %s/%d: %w", bus.TopicConversions, w.id, err)
+		}
+		next = m.Offset + 1
+		if err := p.restore(wk, cat, m.Value); err != nil {
+			return n, storeErr(err)
+		}
+		n++
+		a.m.restored.Inc()
+		if wk.b.Len() > 4<<20 {
+			if err := wk.b.Commit(pebble.NoSync); err != nil {
+				return n, storeErr(err)
+			}
+			wk.b.Close()
+			wk = p.begin()
+		}
+	}
+	return n, storeErr(wk.b.Commit(pebble.NoSync))
+}
+
+// lastOffset returns the high watermark of the topic's partition.
+func (w *worker) lastOffset(ctx context.Context, topic string) (int64, error) {
+	return w.listOffset(ctx, topic, kafka.LastOffsetOf(w.id))
+}
+
+// listOffset answers one ListOffsets question about the worker's
+// partition: its first or last offset, or (with a timestamp) the first
+// offset of a record from that time or later, -1 when there is none.
+func (w *worker) listOffset(ctx context.Context, topic string, req kafka.OffsetRequest) (int64, error) {
+	resp, err := w.a.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{
+		Topics: map[string][]kafka.OffsetRequest{topic: {req}},
+	})
+	if err == nil {
+		for _, po := range resp.Topics[topic] {
+			if po.Partition != w.id {
+				continue
+			}
+			if po.Error != nil {
+				err = po.Error
+				break
+			}
+			switch req.Timestamp {
+			case kafka.FirstOffset:
+				return po.FirstOffset, nil
+			case kafka.LastOffset:
+				return po.LastOffset, nil
+			}
+			for off := range po.Offsets {
+				return off, nil
+			}
+			return -1, nil
+		}
+		if err == nil {
+			err = errors.New("partition missing from the response")
+		}
+	}
+	return 0, fmt.Errorf("cannot list offsets of %s/%d: %w", topic, w.id, err)
+}
+
+// offsetAt returns where to start reading the topic's partition to see
+// every record from time t on: the first offset of a record from t or
+// later, by the records' timestamps. When no record has such a timestamp
+// it returns the first offset, not the last: producers that leave
+// kafka-go's Message.Time unset write timestamp 0, and reading the
+// retained log whole is slower but never wrong.
+func (w *worker) offsetAt(ctx context.Context, topic string, t time.Time) (int64, error) {
+	first, err := w.listOffset(ctx, topic, kafka.FirstOffsetOf(w.id))
+	if err != nil {
+		return 0, err
+	}
+	at, err := w.listOffset(ctx, topic, kafka.TimeOffsetOf(w.id, t))
+	if err != nil {
+		return 0, err
+	}
+	if at < first {
+		return first, nil
+	}
+	return at, nil
+}
