@@ -425,7 +425,7 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 		if r.kind != resAttempt {
 			continue
 		}
-		recs = append(recs, kafka.Message{Key: []byte(r.rec.ConversionID), Value: schemas.EncodeDelivery(r.rec)})
+		recs = append(recs, kafka.Message{Key: []byte(r.rec.ConversionID), Value: schemas.EncodeDelivery(r.rec), Time: time.Now()})
 		if r.rec.Outcome == schemas.OutcomeDead {
 			j := r.job
 			dl := DeadLetter{
@@ -438,7 +438,7 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 			if err != nil {
 				panic("BUG: cannot encode dead letter: " + err.Error())
 			}
-			dead = append(dead, kafka.Message{Key: []byte(j.conv.ClickID), Value: v})
+			dead = append(dead, kafka.Message{Key: []byte(j.conv.ClickID), Value: v, Time: time.Now()})
 		}
 	}
 	attemptsWritten := e.write(ctx, e.deliveries, bus.TopicDeliveries, recs) == nil &&

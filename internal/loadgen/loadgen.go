@@ -73,17 +73,20 @@ type Result struct {
 	Unknown         int64
 	ClickLatency    Latencies
 	PostbackLatency Latencies
-	Delivered       int64 // partner requests the sink received
+	Delivered       int64 // approved clicks whose partner request the sink received
 	DeliveryLatency Latencies
-	FirstErrors     []string
-	SentPostbacks   []SentPostback // every accepted postback, in send order
-	ClickIDs        []string       // every click ID answered with a redirect
+	// DeliveriesByLabel counts every partner request the sink received, by
+	// the sub1 label of its click (SentPostback.Label).
+	DeliveriesByLabel map[string]int
+	FirstErrors       []string
+	SentPostbacks     []SentPostback // every accepted postback, in send order
+	ClickIDs          []string       // every click ID answered with a redirect
 }
 
 // SentPostback records one accepted postback, for exact checks in tests.
 type SentPostback struct {
-	ClickID, Goal, Status, TxnID, Amount string
-	OfferID, AffID                       uint32
+	ClickID, Label, Goal, Status, TxnID, Amount string
+	OfferID, AffID                              uint32
 }
 
 // Latencies summarises a latency sample.
@@ -142,6 +145,7 @@ type run struct {
 	firstErrors []string
 	approvedAt  map[string]time.Time // sub1 label → when its approved postback was accepted
 	delivered   map[string]bool
+	byLabel     map[string]int
 	pending     sync.WaitGroup
 	sem         chan struct{}
 }
@@ -190,6 +194,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		},
 		approvedAt: map[string]time.Time{},
 		delivered:  map[string]bool{},
+		byLabel:    map[string]int{},
 		sem:        make(chan struct{}, cfg.Concurrency),
 	}
 	if cfg.Sink != "" {
@@ -220,6 +225,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	r.res.DeliveryLatency = summarise(r.delivLat)
 	r.res.FirstErrors = r.firstErrors
 	r.res.Delivered = int64(len(r.delivLat))
+	r.res.DeliveriesByLabel = r.byLabel
 	return &r.res, ctx.Err()
 }
 
@@ -414,7 +420,7 @@ func (r *run) postback(clickID string, pb postbackPlan, status string) bool {
 	r.mu.Lock()
 	r.postLat = append(r.postLat, lat)
 	r.res.SentPostbacks = append(r.res.SentPostbacks, SentPostback{
-		ClickID: clickID, Goal: pb.goal, Status: status, TxnID: pb.txn, Amount: pb.amount, OfferID: pb.offer, AffID: pb.aff,
+		ClickID: clickID, Label: pb.label, Goal: pb.goal, Status: status, TxnID: pb.txn, Amount: pb.amount, OfferID: pb.offer, AffID: pb.aff,
 	})
 	r.mu.Unlock()
 	return true
@@ -445,6 +451,7 @@ func (r *run) startSink(addr string) (func(), error) {
 			}
 		})
 		r.mu.Lock()
+		r.byLabel[label]++
 		if at, ok := r.approvedAt[label]; ok && !r.delivered[label] {
 			r.delivered[label] = true
 			r.delivLat = append(r.delivLat, now.Sub(at))

@@ -263,7 +263,7 @@ func deadLetterMessage(m kafka.Message, reason error) kafka.Message {
 	if err != nil {
 		panic("BUG: cannot encode a dead letter: " + err.Error())
 	}
-	return kafka.Message{Key: m.Key, Value: v}
+	return kafka.Message{Key: m.Key, Value: v, Time: time.Now()}
 }
 
 // record is a fetched Kafka record, decoded.

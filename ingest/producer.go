@@ -1,0 +1,490 @@
+package ingest
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/segmentio/kafka-go"
+
+	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/schemas"
+)
+
+type topicID uint8
+
+const (
+	topicClicks topicID = iota
+	topicPostbacks
+	numTopics
+)
+
+var topicNames = [numTopics]string{bus.TopicClicks, bus.TopicPostbacks}
+
+// event is one click or postback on its way to Kafka. Events are pooled and
+// own every byte they carry, so nothing of a request's RequestCtx is kept
+// once the handler returns, even when Kafka still holds the event.
+type event struct {
+	topic topicID
+	key   []byte // the click ID, lower case
+	value []byte // the JSON record
+	id    []byte // the postback's event ID
+	text  []byte // scratch: the client IP, then the Location or the response body
+
+	// refs counts the owners: the handler, plus Kafka while the event is
+	// queued. The last one to let go returns it to the pool.
+	refs atomic.Int32
+	// state moves queued → done (the ack came while the handler waited)
+	// or queued → abandoned (the handler gave up and spooled it).
+	state  atomic.Int32
+	result chan error // the ack, buffered 1; sent only in state done
+	timer  *time.Timer
+	owner  *producer
+}
+
+const (
+	stateIdle int32 = iota
+	stateQueued
+	stateDone
+	stateAbandoned
+)
+
+// producer delivers events durably: to Kafka with every in-sync replica's
+// ack, or to the spool when Kafka does not ack within the produce timeout.
+type producer struct {
+	log     *slog.Logger
+	m       *metrics
+	timeout time.Duration
+	spool   *spool
+	writers [numTopics]*kafka.Writer
+	queues  [numTopics]chan *event
+	pool    sync.Pool
+
+	// abandoned counts events the handler spooled while Kafka still held
+	// them. The drainer waits for them to settle so that a late ack of the
+	// original cannot land after the spooled copy's successors.
+	abandoned atomic.Int64
+
+	ctx     context.Context // ends when the producer closes
+	cancel  context.CancelFunc
+	drainer sync.WaitGroup
+	feeders sync.WaitGroup
+
+	kafkaErrorLog, spoolErrorLog logLimiter
+}
+
+var (
+	errSpoolUnavailable = errors.New("the event could be neither produced nor spooled")
+)
+
+func newProducer(cfg *Config, sp *spool, m *metrics) *producer {
+	p := &producer{log: cfg.Logger, m: m, timeout: cfg.ProduceTimeout, spool: sp}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.pool.New = func() any {
+		t := time.NewTimer(time.Hour)
+		t.Stop()
+		return &event{
+			owner:  p,
+			key:    make([]byte, 0, schemas.IDLen),
+			value:  make([]byte, 0, 512),
+			id:     make([]byte, 0, schemas.IDLen),
+			text:   make([]byte, 0, 512),
+			result: make(chan error, 1),
+			timer:  t,
+		}
+	}
+	for t := range numTopics {
+		w := bus.NewWriter(bus.WriterConfig{Brokers: cfg.Brokers, Topic: topicNames[t]})
+		// Async, so that one feeder goroutine hands many requests' events
+		// to kafka-go per call; each event learns its own ack through
+		// Completion. kafka-go keeps a partition's batches in order.
+		w.Async = true
+		w.Completion = complete
+		p.writers[t] = w
+		p.queues[t] = make(chan *event, 4096)
+	}
+	return p
+}
+
+func (p *producer) start() {
+	for t := range numTopics {
+		p.feeders.Add(1)
+		go func() {
+			defer p.feeders.Done()
+			p.feed(t)
+		}()
+	}
+	p.drainer.Add(1)
+	go func() {
+		defer p.drainer.Done()
+		p.drain()
+	}()
+}
+
+// close stops the drainer and the feeders, then gives kafka-go a few
+// seconds to finish what it holds. Nothing it holds is lost if it cannot:
+// every event whose request was answered is acked or spooled already.
+// No handler may call send once close has begun.
+func (p *producer) close() {
+	p.cancel()
+	p.drainer.Wait() // the drainer sends to the queues too
+	for t := range numTopics {
+		close(p.queues[t])
+	}
+	p.feeders.Wait()
+	done := make(chan struct{})
+	go func() {
+		for _, w := range p.writers {
+			_ = w.Close()
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		p.log.Warn("Kafka writers did not close within 5s; their events are spooled or will be produced again")
+	}
+}
+
+func (p *producer) get(t topicID) *event {
+	ev := p.pool.Get().(*event)
+	ev.topic = t
+	ev.refs.Store(1)
+	ev.state.Store(stateIdle)
+	return ev
+}
+
+// put drops the handler's hold on ev.
+func (p *producer) put(ev *event) {
+	if ev.refs.Add(-1) == 0 {
+		p.pool.Put(ev)
+	}
+}
+
+// feed hands queued events of one topic to kafka-go, as many per call as
+// have queued up, so that a burst of requests costs one call.
+func (p *producer) feed(t topicID) {
+	w, in := p.writers[t], p.queues[t]
+	msgs := make([]kafka.Message, 0, 256)
+	evs := make([]*event, 0, 256)
+	var ctx renewingContext
+	defer ctx.stop()
+	for ev := range in {
+		evs = append(evs, ev)
+	more:
+		for len(evs) < cap(evs) {
+			select {
+			case ev, ok := <-in:
+				if !ok {
+					break more
+				}
+				evs = append(evs, ev)
+			default:
+				break more
+			}
+		}
+		// Record timestamps matter: brokers apply time-based retention to
+		// them, and the attributor rebuilds a partition from the offset of
+		// the window's first timestamp. kafka-go sends 0 when Time is unset.
+		// The produce time is never earlier than the event's own time, so a
+		// rebuild by time never skips an event.
+		now := time.Now()
+		for _, ev := range evs {
+			msgs = append(msgs, kafka.Message{Key: ev.key, Value: ev.value, Time: now, WriterData: ev})
+		}
+		// The deadline matters only while kafka-go has no metadata yet
+		// (first contact with an unresponsive broker); an async write
+		// otherwise returns as soon as the events are batched. So one
+		// context serves many calls, renewed when less than half the
+		// produce timeout is left on it.
+		err := w.WriteMessages(ctx.get(p.timeout), msgs...)
+		if err != nil {
+			// Nothing was batched: the events fail now.
+			for _, ev := range evs {
+				ev.complete(err)
+			}
+		}
+		clear(msgs)
+		clear(evs)
+		msgs, evs = msgs[:0], evs[:0]
+	}
+}
+
+// renewingContext hands out a context whose deadline is between half and
+// all of a timeout away, making a new one only when needed.
+type renewingContext struct {
+	ctx      context.Context
+	cancel   context.CancelFunc
+	deadline time.Time
+}
+
+func (r *renewingContext) get(timeout time.Duration) context.Context {
+	if r.ctx == nil || time.Until(r.deadline) < timeout/2 {
+		r.stop()
+		r.deadline = time.Now().Add(timeout)
+		r.ctx, r.cancel = context.WithDeadline(context.Background(), r.deadline)
+	}
+	return r.ctx
+}
+
+func (r *renewingContext) stop() {
+	if r.cancel != nil {
+		r.cancel()
+	}
+}
+
+// complete is the kafka-go Completion of both writers.
+func complete(msgs []kafka.Message, err error) {
+	for i := range msgs {
+		msgs[i].WriterData.(*event).complete(err)
+	}
+}
+
+func (ev *event) complete(err error) {
+	if ev.state.CompareAndSwap(stateQueued, stateDone) {
+		// The waiting handler still holds ev, so this cannot be the last
+		// hold; after the send, ev is the handler's business.
+		ev.refs.Add(-1)
+		ev.result <- err
+		return
+	}
+	// The handler gave up waiting and spooled a copy; Kafka's hold is the
+	// last one.
+	ev.owner.abandoned.Add(-1)
+	ev.owner.put(ev)
+}
+
+// produceResult is how send made an event durable, for the latency metric.
+type produceResult uint8
+
+const (
+	resultAcked produceResult = iota
+	resultSpooled
+	resultFailed
+	numResults
+)
+
+// send makes ev durable and reports how. It blocks until Kafka acks, or
+// until the produce timeout passes and the event is synced to the spool.
+// An error means neither Kafka nor the spool took it: answer 503.
+func (p *producer) send(ev *event) error {
+	start := time.Now()
+	res, err := p.sendAt(ev, start)
+	p.m.produceSeconds[ev.topic][res].Observe(time.Since(start).Seconds())
+	return err
+}
+
+func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
+	if p.spool.active.Load() {
+		return p.toSpool(ev, start)
+	}
+	ev.state.Store(stateQueued)
+	ev.refs.Add(1) // Kafka's hold
+	ev.timer.Reset(p.timeout)
+	select {
+	case p.queues[ev.topic] <- ev:
+	case <-ev.timer.C:
+		// The feeder is stuck: the event never reached Kafka.
+		ev.state.Store(stateIdle)
+		ev.refs.Add(-1)
+		p.m.kafkaErrors[ev.topic][reasonTimeout].Inc()
+		return p.toSpool(ev, start)
+	}
+	select {
+	case err := <-ev.result:
+		ev.timer.Stop()
+		if err == nil {
+			return resultAcked, nil
+		}
+		p.m.kafkaErrors[ev.topic][reasonError].Inc()
+		p.logKafkaError(err)
+		return p.toSpool(ev, start)
+	case <-ev.timer.C:
+		p.abandoned.Add(1)
+		if !ev.state.CompareAndSwap(stateQueued, stateAbandoned) {
+			// The ack raced the timer and won.
+			p.abandoned.Add(-1)
+			if err := <-ev.result; err == nil {
+				return resultAcked, nil
+			}
+			p.m.kafkaErrors[ev.topic][reasonError].Inc()
+			return p.toSpool(ev, start)
+		}
+		p.m.kafkaErrors[ev.topic][reasonTimeout].Inc()
+		// Kafka keeps its hold until its Completion; the copy we spool
+		// may be produced twice, which is at-least-once by design.
+		return p.toSpool(ev, start)
+	}
+}
+
+// logLimiter lets one message through per second, so that an outage at
+// thousands of requests a second does not flood the log.
+type logLimiter struct{ last atomic.Int64 }
+
+func (l *logLimiter) allow() bool {
+	now := time.Now().Unix()
+	last := l.last.Load()
+	return now > last && l.last.CompareAndSwap(last, now)
+}
+
+func (p *producer) logKafkaError(err error) {
+	if p.kafkaErrorLog.allow() {
+		p.log.Warn("Kafka did not take an event; spooling", "err", err)
+	}
+}
+
+func (p *producer) toSpool(ev *event, now time.Time) (produceResult, error) {
+	wasActive := p.spool.active.Load()
+	if err := p.spool.append(ev.topic, ev.key, ev.value, now); err != nil {
+		p.m.spoolErrors.Inc()
+		if p.spoolErrorLog.allow() {
+			p.log.Error("cannot spool an event; answering 503", "topic", topicNames[ev.topic], "err", err)
+		}
+		return resultFailed, errSpoolUnavailable
+	}
+	if !wasActive {
+		p.log.Warn("Kafka is unreachable or slower than the produce timeout; spooling events until it is back",
+			"produce_timeout", p.timeout)
+	}
+	p.m.spooled[ev.topic].Inc()
+	return resultSpooled, nil
+}
+
+// drain produces spooled events, oldest first, whenever the spool is
+// active, deleting each only after Kafka acked it; when the spool is empty
+// it switches the edge back to producing directly.
+func (p *producer) drain() {
+	const batch = 512
+	backoff := 100 * time.Millisecond
+	drained := 0
+	for {
+		if !p.spool.active.Load() {
+			select {
+			case <-p.ctx.Done():
+				return
+			case <-p.spool.wake:
+				continue
+			}
+		}
+		if !p.waitAbandoned() {
+			return
+		}
+		evs, err := p.spool.read(batch)
+		if err != nil {
+			p.log.Error("cannot read the spool", "err", err)
+			if !p.sleep(time.Second) {
+				return
+			}
+			continue
+		}
+		if len(evs) == 0 {
+			if p.spool.deactivateIfEmpty() {
+				p.log.Info("spool drained; producing directly to Kafka again", "events", drained)
+				drained = 0
+			}
+			continue
+		}
+		acked, err := p.produceSpooled(evs)
+		if rerr := p.spool.remove(acked); rerr != nil {
+			p.log.Error("cannot delete drained events from the spool; they will be produced again", "err", rerr)
+		}
+		for _, ev := range acked {
+			p.m.drained[ev.topic].Inc()
+		}
+		drained += len(acked)
+		if err != nil {
+			if p.ctx.Err() != nil {
+				return
+			}
+			p.log.Debug("cannot drain the spool yet", "err", err, "retry_in", backoff)
+			if !p.sleep(backoff) {
+				return
+			}
+			backoff = min(2*backoff, 2*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+	}
+}
+
+// waitAbandoned waits until kafka-go has settled every event whose handler
+// spooled it, for at most a minute (kafka-go's retries end well before).
+func (p *producer) waitAbandoned() bool {
+	deadline := time.Now().Add(time.Minute)
+	for p.abandoned.Load() > 0 && time.Now().Before(deadline) {
+		if !p.sleep(10 * time.Millisecond) {
+			return false
+		}
+	}
+	return true
+}
+
+func (p *producer) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-p.ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// produceSpooled sends spooled events to Kafka in order and waits for each
+// ack. It returns the acked ones and the first error.
+func (p *producer) produceSpooled(spooled []spooledEvent) ([]spooledEvent, error) {
+	evs := make([]*event, len(spooled))
+	for i, s := range spooled {
+		ev := p.get(s.topic)
+		ev.key = append(ev.key[:0], s.key...)
+		ev.value = append(ev.value[:0], s.value...)
+		ev.state.Store(stateQueued)
+		ev.refs.Add(1)
+		select {
+		case p.queues[s.topic] <- ev:
+		case <-p.ctx.Done():
+			ev.state.Store(stateIdle)
+			ev.refs.Add(-1)
+			p.put(ev)
+			for _, e := range evs[:i] {
+				p.abandon(e)
+			}
+			return nil, p.ctx.Err()
+		}
+		evs[i] = ev
+	}
+	var acked []spooledEvent
+	var firstErr error
+	for i, ev := range evs {
+		select {
+		case err := <-ev.result:
+			if err == nil {
+				acked = append(acked, spooled[i])
+			} else if firstErr == nil {
+				firstErr = err
+			}
+			p.put(ev)
+		case <-p.ctx.Done():
+			for _, e := range evs[i:] {
+				p.abandon(e)
+			}
+			return acked, p.ctx.Err()
+		}
+	}
+	return acked, firstErr
+}
+
+// abandon gives up waiting for a queued event's ack (shutting down).
+func (p *producer) abandon(ev *event) {
+	p.abandoned.Add(1)
+	if ev.state.CompareAndSwap(stateQueued, stateAbandoned) {
+		p.put(ev)
+		return
+	}
+	p.abandoned.Add(-1)
+	<-ev.result
+	p.put(ev)
+}

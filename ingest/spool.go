@@ -1,0 +1,276 @@
+package ingest
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// spool is the edge's local, synced store of events Kafka could not take in
+// time. Keys are a sequence number (8 bytes, big-endian), so iterating the
+// store yields events in the order they were spooled.
+//
+// Once anything is spooled the spool is active, and stays active until the
+// drainer has emptied it: while active, the edge sends every new event here
+// rather than to Kafka, so no event overtakes one answered before it.
+type spool struct {
+	db       *pebble.DB
+	dir      string
+	maxBytes int64
+
+	// mu orders sequence numbers and guards the switch back to inactive:
+	// the drainer may only deactivate when nothing is stored and no append
+	// is between taking its number and being written.
+	mu        sync.Mutex
+	next      uint64
+	appending int
+
+	active   atomic.Bool
+	count    atomic.Int64
+	bytes    atomic.Int64
+	oldestMS atomic.Int64 // spool time of the oldest stored event; 0 when empty
+
+	wake chan struct{} // a drainer nudge, buffered 1
+	bufs sync.Pool     // *[]byte encode buffers
+}
+
+var (
+	errSpoolFull = errors.New("spool is full")
+)
+
+// A spooled value is: format byte, topic byte, spool time (Unix ms, 8
+// bytes), key length (uvarint), key, value.
+const spoolFormat = 1
+
+type spooledEvent struct {
+	seq   uint64
+	topic topicID
+	at    int64
+	key   []byte
+	value []byte
+	size  int64
+}
+
+func openSpool(dir string, maxBytes int64, log *slog.Logger) (*spool, error) {
+	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{log}})
+	if err != nil {
+		return nil, fmt.Errorf("cannot open edge spool %q: %w", dir, err)
+	}
+	s := &spool{db: db, dir: dir, maxBytes: maxBytes, wake: make(chan struct{}, 1)}
+	s.bufs.New = func() any { b := make([]byte, 0, 1024); return &b }
+
+	// Recount what a previous run left behind.
+	it, err := db.NewIter(nil)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("cannot read edge spool %q: %w", dir, err)
+	}
+	for valid := it.First(); valid; valid = it.Next() {
+		v, err := it.ValueAndErr()
+		if err != nil {
+			it.Close()
+			db.Close()
+			return nil, fmt.Errorf("cannot read edge spool %q: %w", dir, err)
+		}
+		ev, err := decodeSpooled(it.Key(), v)
+		if err != nil {
+			it.Close()
+			db.Close()
+			return nil, fmt.Errorf("edge spool %q: %w", dir, err)
+		}
+		if s.count.Load() == 0 {
+			s.oldestMS.Store(ev.at)
+		}
+		s.count.Add(1)
+		s.bytes.Add(ev.size)
+		s.next = ev.seq + 1
+	}
+	if err := it.Close(); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("cannot read edge spool %q: %w", dir, err)
+	}
+	s.active.Store(s.count.Load() > 0)
+	return s, nil
+}
+
+// append stores one event durably (synced to disk before it returns) and
+// makes the spool active.
+func (s *spool) append(topic topicID, key, value []byte, now time.Time) error {
+	size := int64(len(key) + len(value) + 20)
+	if s.bytes.Load()+size > s.maxBytes {
+		return errSpoolFull
+	}
+	s.mu.Lock()
+	s.active.Store(true)
+	seq := s.next
+	s.next++
+	s.appending++
+	s.mu.Unlock()
+
+	bp := s.bufs.Get().(*[]byte)
+	var k [8]byte
+	binary.BigEndian.PutUint64(k[:], seq)
+	b := append((*bp)[:0], spoolFormat, byte(topic))
+	b = binary.BigEndian.AppendUint64(b, uint64(now.UnixMilli()))
+	b = binary.AppendUvarint(b, uint64(len(key)))
+	b = append(b, key...)
+	b = append(b, value...)
+	// Concurrent synced Sets share one WAL sync (Pebble commits them as a
+	// group), so a busy spool costs far less than one fsync per event.
+	err := s.db.Set(k[:], b, pebble.Sync)
+	*bp = b
+	s.bufs.Put(bp)
+
+	s.mu.Lock()
+	s.appending--
+	if err == nil {
+		if s.count.Add(1) == 1 {
+			s.oldestMS.Store(now.UnixMilli())
+		}
+		s.bytes.Add(size)
+	}
+	s.mu.Unlock()
+	s.nudge()
+	if err != nil {
+		return fmt.Errorf("cannot write edge spool %q: %w", s.dir, err)
+	}
+	return nil
+}
+
+func (s *spool) nudge() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// read returns up to max of the oldest spooled events, oldest first.
+func (s *spool) read(max int) ([]spooledEvent, error) {
+	it, err := s.db.NewIter(nil)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read edge spool %q: %w", s.dir, err)
+	}
+	var out []spooledEvent
+	for valid := it.First(); valid && len(out) < max; valid = it.Next() {
+		v, err := it.ValueAndErr()
+		if err != nil {
+			it.Close()
+			return nil, fmt.Errorf("cannot read edge spool %q: %w", s.dir, err)
+		}
+		// The iterator's buffers are reused as it moves: keep copies.
+		ev, err := decodeSpooled(append([]byte(nil), it.Key()...), append([]byte(nil), v...))
+		if err != nil {
+			it.Close()
+			return nil, fmt.Errorf("edge spool %q: %w", s.dir, err)
+		}
+		out = append(out, ev)
+	}
+	if err := it.Close(); err != nil {
+		return nil, fmt.Errorf("cannot read edge spool %q: %w", s.dir, err)
+	}
+	if len(out) > 0 {
+		s.oldestMS.Store(out[0].at)
+	}
+	return out, nil
+}
+
+// remove deletes events Kafka has acknowledged. The delete is not synced:
+// if it is lost in a crash, the events are produced again (at least once).
+func (s *spool) remove(evs []spooledEvent) error {
+	if len(evs) == 0 {
+		return nil
+	}
+	b := s.db.NewBatch()
+	var k [8]byte
+	var size int64
+	for _, ev := range evs {
+		binary.BigEndian.PutUint64(k[:], ev.seq)
+		if err := b.Delete(k[:], nil); err != nil {
+			b.Close()
+			return fmt.Errorf("cannot delete from edge spool %q: %w", s.dir, err)
+		}
+		size += ev.size
+	}
+	if err := b.Commit(pebble.NoSync); err != nil {
+		b.Close()
+		return fmt.Errorf("cannot delete from edge spool %q: %w", s.dir, err)
+	}
+	b.Close()
+	s.mu.Lock()
+	s.count.Add(-int64(len(evs)))
+	s.bytes.Add(-size)
+	s.mu.Unlock()
+	return nil
+}
+
+// deactivateIfEmpty makes the spool inactive when it holds nothing and no
+// append is under way, and reports whether it did.
+func (s *spool) deactivateIfEmpty() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.count.Load() != 0 || s.appending != 0 {
+		return false
+	}
+	s.active.Store(false)
+	s.oldestMS.Store(0)
+	return true
+}
+
+// ageSeconds is how long the oldest stored event has waited.
+func (s *spool) ageSeconds(now time.Time) float64 {
+	at := s.oldestMS.Load()
+	if at == 0 || s.count.Load() == 0 {
+		return 0
+	}
+	return float64(now.UnixMilli()-at) / 1000
+}
+
+func (s *spool) close() error {
+	if err := s.db.Close(); err != nil {
+		return fmt.Errorf("cannot close edge spool %q: %w", s.dir, err)
+	}
+	return nil
+}
+
+func decodeSpooled(k, v []byte) (spooledEvent, error) {
+	if len(k) != 8 || len(v) < 10 || v[0] != spoolFormat || topicID(v[1]) >= numTopics {
+		return spooledEvent{}, fmt.Errorf("malformed spool record %x", k)
+	}
+	ev := spooledEvent{
+		seq:   binary.BigEndian.Uint64(k),
+		topic: topicID(v[1]),
+		at:    int64(binary.BigEndian.Uint64(v[2:10])),
+	}
+	kl, n := binary.Uvarint(v[10:])
+	if n <= 0 || uint64(len(v)-10-n) < kl {
+		return spooledEvent{}, fmt.Errorf("malformed spool record %x", k)
+	}
+	rest := v[10+n:]
+	ev.key, ev.value = rest[:kl], rest[kl:]
+	ev.size = int64(len(ev.key) + len(ev.value) + 20)
+	return ev, nil
+}
+
+// pebbleLogger sends Pebble's chatter to slog: its info lines (compactions,
+// WAL recovery) at debug level.
+type pebbleLogger struct{ log *slog.Logger }
+
+func (l pebbleLogger) Infof(format string, args ...any) {
+	l.log.Debug("edge spool: " + fmt.Sprintf(format, args...))
+}
+
+func (l pebbleLogger) Errorf(format string, args ...any) {
+	l.log.Error("edge spool: " + fmt.Sprintf(format, args...))
+}
+
+func (l pebbleLogger) Fatalf(format string, args ...any) {
+	msg := "edge spool: " + fmt.Sprintf(format, args...)
+	l.log.Error(msg)
+	panic(msg)
+}

@@ -1,0 +1,3 @@
+// Package benchtools holds the programs scripts/bench.sh measures Trackstar
+// against. They are baselines, not parts of Trackstar.
+package benchtools
