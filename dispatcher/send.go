@@ -225,40 +225,16 @@ func valuesOf(c *schemas.Conversion) *catalog.Values {
 // without its revenue, which the partner must not see (the macros never
 // offer it either).
 type partnerConversion struct {
-	V               int            `json:"v"`
-	ConversionID    string         `json:"conversion_id"`
-	Version         uint32         `json:"version"`
-	PostbackEventID string         `json:"postback_event_id"`
-	ClickID         string         `json:"click_id"`
-	TS              int64          `json:"ts"`
-	ClickTS         int64          `json:"click_ts"`
-	OfferID         uint32         `json:"offer_id"`
-	AdvertiserID    uint32         `json:"advertiser_id"`
-	AffID           uint32         `json:"aff_id"`
-	Goal            string         `json:"goal"`
-	Status          string         `json:"status"`
-	RejectReason    string         `json:"reject_reason"`
-	TxnID           string         `json:"txn_id"`
-	SaleAmount      schemas.Amount `json:"sale_amount"`
-	Payout          schemas.Amount `json:"payout"`
-	Currency        string         `json:"currency"`
-	CTITSeconds     int64          `json:"ctit_seconds"`
-	Source          string         `json:"source"`
-	Sub1            string         `json:"sub1"`
-	Sub2            string         `json:"sub2"`
-	Sub3            string         `json:"sub3"`
-	Sub4            string         `json:"sub4"`
-	Sub5            string         `json:"sub5"`
+	schemas.Conversion
+	// Revenue shadows the embedded field of the same JSON name (the
+	// shallower field wins) and, always nil, is left out.
+	Revenue *struct{} `json:"revenue,omitempty"`
 }
 
 func partnerBody(c *schemas.Conversion) []byte {
-	b, err := json.Marshal(&partnerConversion{
-		V: schemas.Version, ConversionID: c.ConversionID, Version: c.Version, PostbackEventID: c.PostbackEventID,
-		ClickID: c.ClickID, TS: c.TS, ClickTS: c.ClickTS, OfferID: c.OfferID, AdvertiserID: c.AdvertiserID,
-		AffID: c.AffID, Goal: c.Goal, Status: c.Status, RejectReason: c.RejectReason, TxnID: c.TxnID,
-		SaleAmount: c.SaleAmount, Payout: c.Payout, Currency: c.Currency, CTITSeconds: c.CTITSeconds,
-		Source: c.Source, Sub1: c.Sub1, Sub2: c.Sub2, Sub3: c.Sub3, Sub4: c.Sub4, Sub5: c.Sub5,
-	})
+	pc := partnerConversion{Conversion: *c}
+	pc.V = schemas.Version
+	b, err := json.Marshal(&pc)
 	if err != nil {
 		panic("BUG: cannot encode partner postback body: " + err.Error())
 	}
