@@ -47,60 +47,8 @@ func freeAddr(t *testing.T) string {
 // exact results: every click once, every conversion with its outcome, every
 // approved conversion delivered once, and report totals equal to what was sent.
 func TestEndToEnd(t *testing.T) {
-	chAddr, db := testenv.ClickHouseDB(t)
-	edge, broker, sink := freeAddr(t), freeAddr(t), freeAddr(t)
-	dir := t.TempDir()
-
-	cfg, err := os.ReadFile("testdata/e2e.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgPath := filepath.Join(dir, "trackstar.yaml")
-	if err := os.WriteFile(cfgPath, []byte(strings.ReplaceAll(string(cfg), "{SINK}", sink)), 0o644); err != nil {
-		t.Fatal(err)
-	}
-
-	cmd := exec.Command(os.Args[0], "all", "--config", cfgPath, "--listen", edge, "--embedded-broker", broker,
-		"--data", filepath.Join(dir, "data"), "--clickhouse", chAddr, "--clickhouse-database", db,
-		"--partitions", "4", "--grace", "2s", "--log-level", "warn")
-	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
-	logf, err := os.Create(filepath.Join(dir, "trackstar.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(20 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			log, _ := os.ReadFile(logf.Name())
-			t.Logf("trackstar log:\n%s", log)
-		}
-	})
-
-	waitUntil(t, 60*time.Second, "the edge answers /healthz", func() bool {
-		select {
-		case err := <-exited:
-			t.Fatalf("trackstar exited early: %v", err)
-		default:
-		}
-		resp, err := http.Get("http://" + edge + "/healthz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	sink := freeAddr(t)
+	edge, chAddr, db := startAll(t, "testdata/e2e.yaml", sink)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -214,6 +162,70 @@ func TestEndToEnd(t *testing.T) {
 	if total != len(byClick) {
 		t.Fatalf("partner sink received %d requests, want %d", total, len(byClick))
 	}
+}
+
+// startAll runs `trackstar all` as a subprocess with the config at cfgFile
+// ({SINK} replaced by sink), the embedded broker, a fresh data dir and a
+// fresh ClickHouse database, and waits until its edge answers. It returns
+// the edge's address and the ClickHouse address and database. The process
+// is stopped (and its log shown if the test failed) when the test ends.
+func startAll(t *testing.T, cfgFile, sink string) (edge, chAddr, db string) {
+	t.Helper()
+	chAddr, db = testenv.ClickHouseDB(t)
+	edge, broker := freeAddr(t), freeAddr(t)
+	dir := t.TempDir()
+
+	cfg, err := os.ReadFile(cfgFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgPath := filepath.Join(dir, "trackstar.yaml")
+	if err := os.WriteFile(cfgPath, []byte(strings.ReplaceAll(string(cfg), "{SINK}", sink)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	cmd := exec.Command(os.Args[0], "all", "--config", cfgPath, "--listen", edge, "--embedded-broker", broker,
+		"--data", filepath.Join(dir, "data"), "--clickhouse", chAddr, "--clickhouse-database", db,
+		"--partitions", "4", "--grace", "2s", "--log-level", "warn")
+	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
+	logf, err := os.Create(filepath.Join(dir, "trackstar.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(20 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		if t.Failed() {
+			log, _ := os.ReadFile(logf.Name())
+			t.Logf("trackstar log:\n%s", log)
+		}
+	})
+
+	waitUntil(t, 60*time.Second, "the edge answers /healthz", func() bool {
+		select {
+		case err := <-exited:
+			t.Fatalf("trackstar exited early: %v", err)
+		default:
+		}
+		resp, err := http.Get("http://" + edge + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	return edge, chAddr, db
 }
 
 func clickIDs(ctx context.Context, t *testing.T, conn driver.Conn) map[string]bool {
