@@ -54,13 +54,19 @@ type feed struct {
 }
 
 func (w *worker) startFeed(ctx context.Context, topic string, offset, hw int64) (*feed, error) {
+	// Clicks are the bulk and nobody waits on them: read them in large
+	// fetches. Postbacks are what a partner waits on: read them as they come.
+	minBytes, maxWait := 1, 500*time.Millisecond
+	if topic == bus.TopicClicks {
+		minBytes, maxWait = bus.FetchMinBytes, bus.FetchMaxWait
+	}
 	r := kafka.NewReader(kafka.ReaderConfig{
 		Brokers:         w.a.cfg.Brokers,
 		Topic:           topic,
 		Partition:       w.id,
-		MinBytes:        1,
+		MinBytes:        minBytes,
 		MaxBytes:        8 << 20,
-		MaxWait:         500 * time.Millisecond,
+		MaxWait:         maxWait,
 		QueueCapacity:   1000,
 		ReadLagInterval: -1,
 		ErrorLogger: kafka.LoggerFunc(func(msg string, args ...any) {

@@ -139,9 +139,11 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 		Brokers:   d.cfg.Brokers,
 		Topic:     bus.TopicConversions,
 		Partition: partition,
-		MinBytes:  1,
-		MaxBytes:  16 << 20,
-		MaxWait:   250 * time.Millisecond,
+		// Conversions are few and a partner waits on each: read them as
+		// they come, not in the large fetches of the click readers.
+		MinBytes: 1,
+		MaxBytes: 16 << 20,
+		MaxWait:  250 * time.Millisecond,
 	})
 	defer r.Close()
 	if err := r.SetOffset(offset); err != nil {

@@ -148,6 +148,10 @@ func decode[T versioned](b []byte, e T, kind string) error {
 // DecodeClick decodes a click event and checks its version.
 func DecodeClick(b []byte) (Click, error) {
 	var e Click
+	if decodeClickFast(b, &e) && e.V == Version {
+		return e, nil
+	}
+	e = Click{}
 	err := decode(b, &e, "click")
 	return e, err
 }

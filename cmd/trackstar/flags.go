@@ -8,6 +8,18 @@ import (
 	"time"
 )
 
+// Default partition counts of the topics Trackstar creates.
+const (
+	defaultPartitions = 12
+	// embeddedPartitions is the default of 'all' with the embedded broker.
+	// Every partition costs a reader per consumer (attributor 2, loader 3,
+	// dispatcher 1) and a produce stream at the edge, all sharing the one
+	// process's cores with the edge: with 12, 'all' served about half the
+	// clicks it serves with 4 (scripts/bench.sh edge). 4 still lets the
+	// attributor's partition workers run in parallel.
+	embeddedPartitions = 4
+)
+
 // options are the flags every command accepts. Each flag also reads
 // TRACKSTAR_<FLAG> (upper case, dashes as underscores) from the environment
 // when it is not given on the command line.
@@ -53,7 +65,9 @@ func newFlagSet(cmd string, o *options) *flag.FlagSet {
 	fs.StringVar(&o.clickhouse, "clickhouse", "127.0.0.1:9000", "ClickHouse native protocol address")
 	fs.StringVar(&o.database, "clickhouse-database", "trackstar", "ClickHouse database")
 	fs.StringVar(&o.data, "data", "./data", "directory for local state: spool, click store, retry schedule, embedded broker")
-	fs.IntVar(&o.partitions, "partitions", 12, "partitions of topics Trackstar creates (clicks and postbacks must be equal)")
+	fs.IntVar(&o.partitions, "partitions", 0, fmt.Sprintf("partitions of topics Trackstar creates (clicks and postbacks must be equal; "+
+		"topics that exist keep theirs); 0: %d, or %d for 'all' with the embedded broker (one node, one process: "+
+		"more partitions only add consumers competing for the same cores)", defaultPartitions, embeddedPartitions))
 	fs.BoolVar(&o.trustProxy, "trust-proxy", false, "edge: take the client IP from X-Forwarded-For (only behind your own proxy)")
 	fs.DurationVar(&o.grace, "grace", 2*time.Minute, "attributor: how long a postback waits for a click read after it")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")

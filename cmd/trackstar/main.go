@@ -174,6 +174,12 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 		go holder.WatchSIGHUP(ctx, log)
 	}
 
+	if o.partitions <= 0 {
+		o.partitions = defaultPartitions
+		if len(brokers) == 0 {
+			o.partitions = embeddedPartitions
+		}
+	}
 	if len(brokers) == 0 {
 		b, err := bus.StartEmbeddedBroker(o.embeddedBroker, filepath.Join(o.data, "kafka"))
 		if err != nil {

@@ -496,7 +496,8 @@ func RunLoader(ctx context.Context, cfg LoaderConfig) error {
 		// Commits are synchronous: CommitMessages returns once the
 		// broker has them.
 		CommitInterval:        0,
-		MaxWait:               500 * time.Millisecond,
+		MinBytes:              bus.FetchMinBytes,
+		MaxWait:               bus.FetchMaxWait,
 		MaxBytes:              4 << 20,
 		JoinGroupBackoff:      time.Second,
 		WatchPartitionChanges: true,
