@@ -374,10 +374,17 @@ func (r *run) schedulePostbacks(ctx context.Context, clickID string, pb postback
 			case <-time.After(pb.delay / 2):
 			}
 		}
+		// The clock starts when the advertiser sends the postback, and is
+		// set before sending: the partner's request can reach the sink
+		// before the edge's answer reaches us.
+		r.mu.Lock()
+		r.approvedAt[pb.label] = time.Now()
+		r.mu.Unlock()
 		if r.postback(clickID, pb, "approved") {
 			atomic.AddInt64(&r.res.Approved, 1)
+		} else {
 			r.mu.Lock()
-			r.approvedAt[pb.label] = time.Now()
+			delete(r.approvedAt, pb.label)
 			r.mu.Unlock()
 		}
 		if pb.repeat {
@@ -436,7 +443,7 @@ func (r *run) noteError(err error) {
 
 // startSink runs the partner receiver. A request is matched to its click by
 // the sub1 label loadgen put on the click (the partner URL must carry
-// {sub1}), and its latency is measured from the approved postback's answer.
+// {sub1}), and its latency is measured from when the approved postback was sent.
 func (r *run) startSink(addr string) (func(), error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
