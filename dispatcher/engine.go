@@ -595,23 +595,6 @@ func (e *engine) health() error {
 }
 
 // DeadLetter is the value written to trackstar.dlq when a partner postback
-// still fails after the last retry. Its Kafka key is the conversion
-// record's key (the click ID). It shares its first fields with the
-// warehouse loader's dead letters (which record, and why), so one reader
-// handles both; the rest says how the last attempt went.
-type DeadLetter struct {
-	Topic     string `json:"topic"`     // trackstar.conversions
-	Partition int    `json:"partition"` // of the conversion record
-	Offset    int64  `json:"offset"`    // of the conversion record
-	Key       string `json:"key"`       // of the conversion record: the click ID
-	Value     string `json:"value"`     // the conversion record as consumed (JSON)
-	Error     string `json:"error"`     // of the last attempt
-
-	ConversionID string `json:"conversion_id"`
-	AffID        uint32 `json:"aff_id"`
-	Attempts     uint32 `json:"attempts"`
-	Method       string `json:"method"`
-	URL          string `json:"url"`
-	StatusCode   uint16 `json:"status_code"` // of the last attempt; 0 when no response came
-	TS           int64  `json:"ts"`          // Unix milliseconds it was dead-lettered
-}
+// still fails after the last retry: the conversion record and how the last
+// attempt went. Its Kafka key is the conversion record's key (the click ID).
+type DeadLetter = schemas.DeadLetter

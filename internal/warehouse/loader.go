@@ -240,17 +240,7 @@ func sendRows(ctx context.Context, conn driver.Conn, database string, t *loaderT
 // DeadLetter is the JSON value of a record the loader writes to
 // trackstar.dlq: a record it could not decode, where it came from and why.
 // Its Kafka key is the original record's key.
-type DeadLetter struct {
-	Topic     string `json:"topic"`
-	Partition int    `json:"partition"`
-	Offset    int64  `json:"offset"`
-	Key       string `json:"key"`
-	// Value is the original record's value when it is valid UTF-8;
-	// otherwise ValueBase64 holds it.
-	Value       string `json:"value,omitempty"`
-	ValueBase64 []byte `json:"value_base64,omitempty"`
-	Error       string `json:"error"`
-}
+type DeadLetter = schemas.DeadLetter
 
 func deadLetterMessage(m kafka.Message, reason error) kafka.Message {
 	dl := DeadLetter{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: string(m.Key), Error: reason.Error()}
