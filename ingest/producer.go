@@ -8,8 +8,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/segmentio/kafka-go"
-
 	"github.com/trackstar/trackstar/internal/bus"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -43,6 +41,10 @@ type event struct {
 	result chan error // the ack, buffered 1; sent only in state done
 	timer  *time.Timer
 	owner  *producer
+
+	// Kept by flight while the event is queued.
+	partition int32
+	attempts  uint8
 }
 
 const (
@@ -59,8 +61,8 @@ type producer struct {
 	m       *metrics
 	timeout time.Duration
 	spool   *spool
-	writers [numTopics]*kafka.Writer
-	queues  [numTopics]chan *event
+	queue   chan *event // to flight, both topics
+	flight  *flight
 	pool    sync.Pool
 
 	// abandoned counts events the handler spooled while Kafka still held
@@ -71,7 +73,10 @@ type producer struct {
 	ctx     context.Context // ends when the producer closes
 	cancel  context.CancelFunc
 	drainer sync.WaitGroup
-	feeders sync.WaitGroup
+	// flight's own context ends a few seconds after close begins, if it
+	// still has requests in flight then.
+	flightCancel context.CancelFunc
+	flightDone   chan struct{}
 
 	kafkaErrorLog, spoolErrorLog logLimiter
 }
@@ -96,27 +101,24 @@ func newProducer(cfg *Config, sp *spool, m *metrics) *producer {
 			timer:  t,
 		}
 	}
-	for t := range numTopics {
-		w := bus.NewWriter(bus.WriterConfig{Brokers: cfg.Brokers, Topic: topicNames[t]})
-		// Async, so that one feeder goroutine hands many requests' events
-		// to kafka-go per call; each event learns its own ack through
-		// Completion. kafka-go keeps a partition's batches in order.
-		w.Async = true
-		w.Completion = complete
-		p.writers[t] = w
-		p.queues[t] = make(chan *event, 4096)
-	}
+	p.queue = make(chan *event, 8192)
+	var fctx context.Context
+	fctx, p.flightCancel = context.WithCancel(context.Background())
+	p.flight = newFlight(fctx, cfg.Logger, cfg.Brokers, p.queue, produceRequestTimeout)
+	p.flightDone = make(chan struct{})
 	return p
 }
 
+// produceRequestTimeout bounds one produce request. A request that is
+// slower than the produce timeout has its events spooled by their
+// handlers already; this only ends the wait for a broker that hangs.
+const produceRequestTimeout = 10 * time.Second
+
 func (p *producer) start() {
-	for t := range numTopics {
-		p.feeders.Add(1)
-		go func() {
-			defer p.feeders.Done()
-			p.feed(t)
-		}()
-	}
+	go func() {
+		defer close(p.flightDone)
+		p.flight.run()
+	}()
 	p.drainer.Add(1)
 	go func() {
 		defer p.drainer.Done()
@@ -124,29 +126,22 @@ func (p *producer) start() {
 	}()
 }
 
-// close stops the drainer and the feeders, then gives kafka-go a few
-// seconds to finish what it holds. Nothing it holds is lost if it cannot:
-// every event whose request was answered is acked or spooled already.
+// close stops the drainer, then gives Kafka a few seconds to settle what
+// is in flight. Nothing in flight is lost if it cannot: every event whose
+// request was answered is acked or spooled already.
 // No handler may call send once close has begun.
 func (p *producer) close() {
 	p.cancel()
-	p.drainer.Wait() // the drainer sends to the queues too
-	for t := range numTopics {
-		close(p.queues[t])
-	}
-	p.feeders.Wait()
-	done := make(chan struct{})
-	go func() {
-		for _, w := range p.writers {
-			_ = w.Close()
-		}
-		close(done)
-	}()
+	p.drainer.Wait() // the drainer sends to the queue too
+	close(p.queue)
 	select {
-	case <-done:
+	case <-p.flightDone:
 	case <-time.After(5 * time.Second):
-		p.log.Warn("Kafka writers did not close within 5s; their events are spooled or will be produced again")
+		p.log.Warn("Kafka did not settle the edge's last produce requests within 5s; their events are spooled or will be produced again")
+		p.flightCancel()
+		<-p.flightDone
 	}
+	p.flightCancel()
 }
 
 func (p *producer) get(t topicID) *event {
@@ -154,6 +149,7 @@ func (p *producer) get(t topicID) *event {
 	ev.topic = t
 	ev.refs.Store(1)
 	ev.state.Store(stateIdle)
+	ev.attempts = 0
 	return ev
 }
 
@@ -161,85 +157,6 @@ func (p *producer) get(t topicID) *event {
 func (p *producer) put(ev *event) {
 	if ev.refs.Add(-1) == 0 {
 		p.pool.Put(ev)
-	}
-}
-
-// feed hands queued events of one topic to kafka-go, as many per call as
-// have queued up, so that a burst of requests costs one call.
-func (p *producer) feed(t topicID) {
-	w, in := p.writers[t], p.queues[t]
-	msgs := make([]kafka.Message, 0, 256)
-	evs := make([]*event, 0, 256)
-	var ctx renewingContext
-	defer ctx.stop()
-	for ev := range in {
-		evs = append(evs, ev)
-	more:
-		for len(evs) < cap(evs) {
-			select {
-			case ev, ok := <-in:
-				if !ok {
-					break more
-				}
-				evs = append(evs, ev)
-			default:
-				break more
-			}
-		}
-		// Record timestamps matter: brokers apply time-based retention to
-		// them, and the attributor rebuilds a partition from the offset of
-		// the window's first timestamp. kafka-go sends 0 when Time is unset.
-		// The produce time is never earlier than the event's own time, so a
-		// rebuild by time never skips an event.
-		now := time.Now()
-		for _, ev := range evs {
-			msgs = append(msgs, kafka.Message{Key: ev.key, Value: ev.value, Time: now, WriterData: ev})
-		}
-		// The deadline matters only while kafka-go has no metadata yet
-		// (first contact with an unresponsive broker); an async write
-		// otherwise returns as soon as the events are batched. So one
-		// context serves many calls, renewed when less than half the
-		// produce timeout is left on it.
-		err := w.WriteMessages(ctx.get(p.timeout), msgs...)
-		if err != nil {
-			// Nothing was batched: the events fail now.
-			for _, ev := range evs {
-				ev.complete(err)
-			}
-		}
-		clear(msgs)
-		clear(evs)
-		msgs, evs = msgs[:0], evs[:0]
-	}
-}
-
-// renewingContext hands out a context whose deadline is between half and
-// all of a timeout away, making a new one only when needed.
-type renewingContext struct {
-	ctx      context.Context
-	cancel   context.CancelFunc
-	deadline time.Time
-}
-
-func (r *renewingContext) get(timeout time.Duration) context.Context {
-	if r.ctx == nil || time.Until(r.deadline) < timeout/2 {
-		r.stop()
-		r.deadline = time.Now().Add(timeout)
-		r.ctx, r.cancel = context.WithDeadline(context.Background(), r.deadline)
-	}
-	return r.ctx
-}
-
-func (r *renewingContext) stop() {
-	if r.cancel != nil {
-		r.cancel()
-	}
-}
-
-// complete is the kafka-go Completion of both writers.
-func complete(msgs []kafka.Message, err error) {
-	for i := range msgs {
-		msgs[i].WriterData.(*event).complete(err)
 	}
 }
 
@@ -285,9 +202,9 @@ func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
 	ev.refs.Add(1) // Kafka's hold
 	ev.timer.Reset(p.timeout)
 	select {
-	case p.queues[ev.topic] <- ev:
+	case p.queue <- ev:
 	case <-ev.timer.C:
-		// The feeder is stuck: the event never reached Kafka.
+		// flight is stuck: the event never reached Kafka.
 		ev.state.Store(stateIdle)
 		ev.refs.Add(-1)
 		p.m.kafkaErrors[ev.topic][reasonTimeout].Inc()
@@ -314,7 +231,7 @@ func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
 			return p.toSpool(ev, start)
 		}
 		p.m.kafkaErrors[ev.topic][reasonTimeout].Inc()
-		// Kafka keeps its hold until its Completion; the copy we spool
+		// flight keeps its hold until it settles the event; the copy we spool
 		// may be produced twice, which is at-least-once by design.
 		return p.toSpool(ev, start)
 	}
@@ -410,8 +327,9 @@ func (p *producer) drain() {
 	}
 }
 
-// waitAbandoned waits until kafka-go has settled every event whose handler
-// spooled it, for at most a minute (kafka-go's retries end well before).
+// waitAbandoned waits until flight has settled every event whose handler
+// spooled it, for at most a minute (its produce requests time out well
+// before).
 func (p *producer) waitAbandoned() bool {
 	deadline := time.Now().Add(time.Minute)
 	for p.abandoned.Load() > 0 && time.Now().Before(deadline) {
@@ -444,7 +362,7 @@ func (p *producer) produceSpooled(spooled []spooledEvent) ([]spooledEvent, error
 		ev.state.Store(stateQueued)
 		ev.refs.Add(1)
 		select {
-		case p.queues[s.topic] <- ev:
+		case p.queue <- ev:
 		case <-p.ctx.Done():
 			ev.state.Store(stateIdle)
 			ev.refs.Add(-1)
