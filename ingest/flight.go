@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"sort"
 	"time"
@@ -37,7 +36,6 @@ import (
 // queued; a partition's events that must be retried go out before any that
 // came after them.
 type flight struct {
-	log       *slog.Logger
 	addr      net.Addr
 	transport *kafka.Transport
 	client    *kafka.Client
@@ -85,11 +83,10 @@ type partBatch struct {
 	err       error // the partition's outcome
 }
 
-func newFlight(ctx context.Context, log *slog.Logger, brokers []string, in <-chan *event, timeout time.Duration) *flight {
+func newFlight(ctx context.Context, brokers []string, in <-chan *event, timeout time.Duration) *flight {
 	tr := &kafka.Transport{ClientID: "trackstar-edge"}
 	addr := kafka.TCP(brokers...)
 	f := &flight{
-		log:       log,
 		addr:      addr,
 		transport: tr,
 		client:    &kafka.Client{Addr: addr, Transport: tr, Timeout: timeout},
@@ -172,8 +169,9 @@ func (f *flight) backoff(retry []*event) {
 }
 
 // round produces batch: one request per partition leader, sent together.
-// It completes every event that succeeded or failed for good and appends
-// those to retry, in order, to retry; again reports whether there are any.
+// It completes every event that succeeded or failed for good, and appends
+// the ones to try again to retry, in batch order; again reports whether
+// there are any.
 func (f *flight) round(batch []*event, retry []*event) (_ []*event, again bool) {
 	if f.metaWant || time.Since(f.metaAt) > flightMetaMaxAge {
 		f.refreshMeta()

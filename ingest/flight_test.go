@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"strconv"
 	"strings"
@@ -41,7 +39,7 @@ func startFlight(t *testing.T, addr string) chan<- *event {
 	t.Helper()
 	q := make(chan *event, 1024)
 	ctx, cancel := context.WithCancel(context.Background())
-	f := newFlight(ctx, slog.New(slog.NewTextHandler(io.Discard, nil)), []string{addr}, q, 5*time.Second)
+	f := newFlight(ctx, []string{addr}, q, 5*time.Second)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -104,7 +104,7 @@ func newProducer(cfg *Config, sp *spool, m *metrics) *producer {
 	p.queue = make(chan *event, 8192)
 	var fctx context.Context
 	fctx, p.flightCancel = context.WithCancel(context.Background())
-	p.flight = newFlight(fctx, cfg.Logger, cfg.Brokers, p.queue, produceRequestTimeout)
+	p.flight = newFlight(fctx, cfg.Brokers, p.queue, produceRequestTimeout)
 	p.flightDone = make(chan struct{})
 	return p
 }
