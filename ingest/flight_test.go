@@ -7,6 +7,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -26,20 +27,28 @@ const flightTestPartitions = 4
 // it with its address; the test may steer its answers with ControlKey.
 func flightCluster(t *testing.T) (*kfake.Cluster, string) {
 	t.Helper()
-	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(flightTestPartitions, bus.TopicClicks, bus.TopicPostbacks))
+	c, addrs := flightClusterOf(t, 1)
+	return c, addrs[0]
+}
+
+// flightClusterOf starts a kfake cluster of n brokers, which spreads the
+// partitions' leadership over them.
+func flightClusterOf(t *testing.T, n int) (*kfake.Cluster, []string) {
+	t.Helper()
+	c, err := kfake.NewCluster(kfake.NumBrokers(n), kfake.SeedTopics(flightTestPartitions, bus.TopicClicks, bus.TopicPostbacks))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
-	return c, c.ListenAddrs()[0]
+	return c, c.ListenAddrs()
 }
 
 // startFlight runs a flight on a queue of its own until the test ends.
-func startFlight(t *testing.T, addr string) chan<- *event {
+func startFlight(t *testing.T, addrs ...string) chan<- *event {
 	t.Helper()
 	q := make(chan *event, 1024)
 	ctx, cancel := context.WithCancel(context.Background())
-	f := newFlight(ctx, []string{addr}, q, 5*time.Second)
+	f := newFlight(ctx, addrs, q, 5*time.Second)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -109,8 +118,32 @@ func readPartitions(t *testing.T, addr, topic string, want int) map[int][]kafka.
 }
 
 func TestFlightProducesInOrderAcrossTopicsAndPartitions(t *testing.T) {
-	_, addr := flightCluster(t)
-	q := startFlight(t, addr)
+	t.Run("one broker", func(t *testing.T) {
+		_, addr := flightCluster(t)
+		testFlightOrder(t, []string{addr})
+	})
+	// Partitions led by different brokers: one request per leader per
+	// round, sent at once.
+	t.Run("three brokers", func(t *testing.T) {
+		c, addrs := flightClusterOf(t, 3)
+		var leaders sync.Map
+		c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+			c.KeepControl()
+			leaders.Store(c.CurrentNode(), true)
+			return nil, nil, false
+		})
+		testFlightOrder(t, addrs)
+		n := 0
+		leaders.Range(func(any, any) bool { n++; return true })
+		if n < 2 {
+			t.Fatalf("produce requests went to %d broker(s); the test wants partitions led by several", n)
+		}
+	})
+}
+
+func testFlightOrder(t *testing.T, addrs []string) {
+	addr := addrs[0]
+	q := startFlight(t, addrs...)
 
 	// 40 clicks, each with many events of both topics, queued in bursts so
 	// that rounds carry several partitions of both topics at once.
