@@ -39,7 +39,6 @@ type flight struct {
 	addr      net.Addr
 	transport *kafka.Transport
 	client    *kafka.Client
-	topics    [numTopics]string
 	in        <-chan *event
 	// timeout bounds one produce request (and the broker's wait for the
 	// replicas' acks within it).
@@ -52,10 +51,9 @@ type flight struct {
 	metaWant bool // refresh before the next round: a leader moved, say
 
 	// Scratch, reused by every round.
-	parts   []*partBatch
-	index   [numTopics]map[int32]*partBatch
-	free    []*partBatch
-	records []kafka.Record
+	parts []*partBatch
+	index [numTopics]map[int32]*partBatch
+	free  []*partBatch
 }
 
 // Limits of one round. Events are at most a few KiB (the edge limits
@@ -90,7 +88,6 @@ func newFlight(ctx context.Context, brokers []string, in <-chan *event, timeout 
 		addr:      addr,
 		transport: tr,
 		client:    &kafka.Client{Addr: addr, Transport: tr, Timeout: timeout},
-		topics:    topicNames,
 		in:        in,
 		timeout:   timeout,
 		ctx:       ctx,
@@ -191,8 +188,7 @@ func (f *flight) round(batch []*event, retry []*event) (_ []*event, again bool) 
 		}
 		return a.partition < b.partition
 	})
-	type request struct{ parts []*partBatch }
-	var reqs []request
+	var reqs [][]*partBatch // one per leader
 	for i := 0; i < len(f.parts); {
 		p := f.parts[i]
 		if p.err != nil {
@@ -203,22 +199,22 @@ func (f *flight) round(batch []*event, retry []*event) (_ []*event, again bool) 
 		for j < len(f.parts) && f.parts[j].leader == p.leader && f.parts[j].err == nil {
 			j++
 		}
-		reqs = append(reqs, request{parts: f.parts[i:j]})
+		reqs = append(reqs, f.parts[i:j])
 		i = j
 	}
 	switch len(reqs) {
 	case 0:
 	case 1:
-		f.produce(reqs[0].parts)
+		f.produce(reqs[0])
 	default:
 		done := make(chan struct{}, len(reqs))
-		for _, r := range reqs[1:] {
+		for _, parts := range reqs[1:] {
 			go func() {
-				f.produce(r.parts)
+				f.produce(parts)
 				done <- struct{}{}
 			}()
 		}
-		f.produce(reqs[0].parts)
+		f.produce(reqs[0])
 		for range reqs[1:] {
 			<-done
 		}
@@ -263,7 +259,7 @@ func (f *flight) group(batch []*event) {
 			case m.err != nil:
 				p.err = m.err
 			case m.leaders[part] < 0:
-				p.err = fmt.Errorf("partition %d of %s has no leader: %w", part, f.topics[ev.topic], kafka.LeaderNotAvailable)
+				p.err = fmt.Errorf("partition %d of %s has no leader: %w", part, topicNames[ev.topic], kafka.LeaderNotAvailable)
 			default:
 				p.leader = m.leaders[part]
 			}
@@ -326,7 +322,7 @@ func (f *flight) produce(parts []*partBatch) {
 			records = append(records, kafka.Record{Time: now, Key: kafka.NewBytes(ev.key), Value: kafka.NewBytes(ev.value)})
 		}
 		rs := protocol.RecordSet{Records: kafka.NewRecordReader(records[start:]...)}
-		name := f.topics[p.topic]
+		name := topicNames[p.topic]
 		if k := len(req.Topics); k == 0 || req.Topics[k-1].Topic != name {
 			req.Topics = append(req.Topics, produceapi.RequestTopic{Topic: name})
 		}
@@ -357,7 +353,7 @@ func (f *flight) produce(parts []*partBatch) {
 	for _, rt := range res.Topics {
 		for _, rp := range rt.Partitions {
 			for _, p := range parts {
-				if p.partition == rp.Partition && f.topics[p.topic] == rt.Topic {
+				if p.partition == rp.Partition && topicNames[p.topic] == rt.Topic {
 					p.err = nil
 					if rp.ErrorCode != 0 {
 						p.err = fmt.Errorf("partition %d of %s: %w", p.partition, rt.Topic, kafka.Error(rp.ErrorCode))
@@ -387,20 +383,20 @@ func (f *flight) refreshMeta() {
 	defer cancel()
 	f.metaWant = false
 	f.metaAt = time.Now()
-	res, err := f.client.Metadata(ctx, &kafka.MetadataRequest{Topics: f.topics[:]})
+	res, err := f.client.Metadata(ctx, &kafka.MetadataRequest{Topics: topicNames[:]})
 	if err != nil {
 		f.metaWant = true
 		for t := range numTopics {
 			if f.meta[t].leaders == nil {
-				f.meta[t].err = fmt.Errorf("cannot read the partitions of %s: %w", f.topics[t], err)
+				f.meta[t].err = fmt.Errorf("cannot read the partitions of %s: %w", topicNames[t], err)
 			}
 		}
 		return
 	}
 	for t := range numTopics {
-		m := topicMeta{err: fmt.Errorf("topic %s does not exist", f.topics[t])}
+		m := topicMeta{err: fmt.Errorf("topic %s does not exist", topicNames[t])}
 		for _, rt := range res.Topics {
-			if rt.Name != f.topics[t] {
+			if rt.Name != topicNames[t] {
 				continue
 			}
 			switch {
