@@ -137,6 +137,14 @@ http_body() {
 	exec 3>&-
 }
 
+# click_ack_histogram PORT: the edge's cumulative histogram of click
+# produce latency to the Kafka ack, one "le count" line per bucket (counts
+# of a million and more come as 1.234567e+06).
+click_ack_histogram() {
+	http_body 127.0.0.1 "$1" /metrics |
+		sed -n 's/^trackstar_edge_produce_seconds_bucket{result="acked",topic="trackstar.clicks",le="\([^"]*\)"} \([0-9.e+]*\)$/\1 \2/p'
+}
+
 # wait_status HOST PORT PATH CODE WHAT: wait up to 60s for CODE.
 wait_status() {
 	for _ in $(seq 600); do
@@ -332,6 +340,8 @@ bench_edge() {
 	local rate
 	rate=$(awk -v b="$mb" -v s="$PACED_SHARE" 'BEGIN { printf "%d", b * s }')
 	local -A prps=() pp50s=() pp99s=()
+	local hist_before
+	hist_before=$(click_ack_histogram "$ts_port")
 	echo
 	echo "== edge at a fixed load: $rate req/s ($PACED_SHARE x bare's median), wrk -t1 -c$CONNECTIONS -d$DURATION -s scripts/wrk-paced.lua, $ROUNDS rounds"
 	printf '%-10s %5s %12s %10s %10s %8s\n' server round "req/s" "p50 ms" "p99 ms" errors
@@ -350,6 +360,23 @@ bench_edge() {
 		printf '%-10s at %s req/s offered: median %s req/s, p50 %s ms, p99 %s ms (worst %s)\n' "$name" "$rate" \
 			"$(median ${prps[$name]})" "$(median ${pp50s[$name]})" "$(median ${pp99s[$name]})" "$(maximum ${pp99s[$name]})"
 	done
+
+	# The server's side of trackstar's paced runs: how soon clicks were
+	# acked by Kafka, from trackstar_edge_produce_seconds before and after
+	# them (time from handing a click to the producer until its handler
+	# has the ack; wrk's latency adds reading, writing and wrk itself).
+	local acked a5 a10 a25
+	acked=$(click_ack_histogram "$ts_port" | awk -v before="$hist_before" '
+		BEGIN { n = split(before, l, "\n"); for (i = 1; i <= n; i++) { split(l[i], f, " "); b[f[1]] = f[2] } }
+		{ c[$1] = $2 - b[$1] }
+		END {
+			if (c["+Inf"] > 0)
+				printf "%.2f %.2f %.2f\n", 100 * c["0.005"] / c["+Inf"], 100 * c["0.01"] / c["+Inf"], 100 * c["0.025"] / c["+Inf"]
+		}')
+	if [[ -n $acked ]]; then
+		read -r a5 a10 a25 <<<"$acked"
+		printf 'trackstar at %s req/s offered: clicks acked by Kafka within 5 ms %s%%, 10 ms %s%%, 25 ms %s%% (server side)\n' "$rate" "$a5" "$a10" "$a25"
+	fi
 
 	local errors=${errs[trackstar]} sat_p99 paced_p99 paced_rps bound
 	# shellcheck disable=SC2086
@@ -388,6 +415,8 @@ bench_edge() {
 	record edge "trackstar all p50 / p99 at $rate req/s offered ($PACED_SHARE x bare), median of $ROUNDS" \
 		"$(median ${pp50s[trackstar]}) / $paced_p99 ms" "p99 <= 10 ms" "$(verdict "$paced_p99 <= 10")"
 	record edge "trackstar all req/s answered of $rate offered" "$paced_rps" ">= 95%" "$kept"
+	[[ -z $acked ]] || record edge "trackstar all clicks acked by Kafka within 5 / 10 / 25 ms at $rate req/s (server side)" \
+		"$a5 / $a10 / $a25 %"
 	# shellcheck disable=SC2086
 	record edge "edge alone (embedded broker) p50 / p99 at $rate req/s offered" \
 		"$(median ${pp50s[edge-only]}) / $(median ${pp99s[edge-only]}) ms"
