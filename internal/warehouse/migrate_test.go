@@ -169,6 +169,122 @@ func TestMigrateAppliesWhatIsMissing(t *testing.T) {
 	}
 }
 
+// TestMigrateConcurrent runs Migrates at once on a database that does not
+// exist yet, as deploy jobs started together do. Without the lock, one's
+// DROP of a view lands between another's CREATEs and that one fails.
+func TestMigrateConcurrent(t *testing.T) {
+	addr, db := testenv.ClickHouseDB(t)
+	ctx := context.Background()
+	conn, err := Open(ctx, addr, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	const rounds, migrates = 3, 4
+	for round := 1; round <= rounds; round++ {
+		if err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+db); err != nil {
+			t.Fatal(err)
+		}
+		errs := make(chan error, migrates)
+		for range migrates {
+			go func() { errs <- Migrate(ctx, addr, db) }()
+		}
+		var failed []error // every Migrate ends before the test does
+		for range migrates {
+			if err := <-errs; err != nil {
+				failed = append(failed, err)
+			}
+		}
+		if len(failed) > 0 {
+			t.Fatalf("round %d: %d of %d concurrent Migrates failed: %v", round, len(failed), migrates, failed)
+		}
+		got := schemaColumns(t, conn, db)
+		for _, table := range []string{"clicks", "conversions", "postback_deliveries", "report_facts", "report_daily", "report_hourly"} {
+			if got[table] == "" {
+				t.Fatalf("round %d: %s is missing after concurrent Migrates: %v", round, table, got)
+			}
+		}
+		if len(got) != len(migratedTableColumns)+2 {
+			t.Fatalf("round %d: database %s holds %d tables and views, want %d (is the lock left?): %v",
+				round, db, len(got), len(migratedTableColumns)+2, got)
+		}
+		// Each migration applied and recorded by one Migrate only.
+		if n, want := countRows(t, conn, "SELECT count() FROM "+db+".schema_migrations"), uint64(len(schemas.Migrations())); n != want {
+			t.Fatalf("round %d: schema_migrations holds %d rows, want %d (one per migration)", round, n, want)
+		}
+	}
+}
+
+// TestMigrateWaitsForTheLock holds the lock as another Migrate would: a
+// Migrate waits for it, gives up when its context ends, and goes on once
+// the lock is gone; a lock older than migrationLockStale is dropped.
+func TestMigrateWaitsForTheLock(t *testing.T) {
+	addr, db := testenv.ClickHouseDB(t)
+	ctx := context.Background()
+	conn, err := Open(ctx, addr, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	lock := db + "." + migrationLockTable
+	hold := func() {
+		t.Helper()
+		if err := conn.Exec(ctx, "CREATE TABLE "+lock+" (holder String) ENGINE = Memory"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hold()
+
+	short, cancel := context.WithTimeout(ctx, 700*time.Millisecond)
+	err = Migrate(short, addr, db)
+	cancel()
+	if err == nil || !strings.Contains(err.Error(), "held by another migrate") {
+		t.Fatalf("Migrate while the lock is held, until its context ends: %v, want a wait for the lock that gave up", err)
+	}
+	if got := schemaColumns(t, conn, db); got["clicks"] != "" {
+		t.Fatalf("Migrate created tables without the lock: %v", got)
+	}
+
+	done := make(chan error, 1)
+	go func() { done <- Migrate(ctx, addr, db) }()
+	select {
+	case err := <-done:
+		t.Fatalf("Migrate returned %v while the lock was held", err)
+	case <-time.After(700 * time.Millisecond):
+	}
+	if err := conn.Exec(ctx, "DROP TABLE "+lock); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Migrate once the lock was gone: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Migrate still waits 30s after the lock was dropped")
+	}
+	if got := schemaColumns(t, conn, db); got["report_daily"] == "" || got[migrationLockTable] != "" {
+		t.Fatalf("after Migrate: want the views and no lock, got %v", got)
+	}
+
+	// A lock whose Migrate died: dropped once older than migrationLockStale.
+	defer func(d time.Duration) { migrationLockStale = d }(migrationLockStale)
+	migrationLockStale = time.Second
+	hold()
+	start := time.Now()
+	stale, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := Migrate(stale, addr, db); err != nil {
+		t.Fatalf("Migrate with a stale lock: %v", err)
+	}
+	if waited := time.Since(start); waited < time.Second {
+		t.Fatalf("Migrate took a lock younger than migrationLockStale (%s) for stale: waited %s", migrationLockStale, waited)
+	}
+	if got := schemaColumns(t, conn, db); got[migrationLockTable] != "" {
+		t.Fatalf("the lock is left after Migrate: %v", got)
+	}
+}
+
 // schemaColumns returns "name Type, ..." per table of db, in column order, with
 // the precision of wide decimals and the time zone of DateTime left out.
 func schemaColumns(t *testing.T, conn driver.Conn, db string) map[string]string {
