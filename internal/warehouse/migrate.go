@@ -93,7 +93,9 @@ const (
 
 // migrationLockStale is the age past which a lock is taken to be left by a
 // Migrate that died holding it (applying every migration takes seconds),
-// and dropped. A variable for the tests.
+// and dropped. Two Migrates that find it stale at once may both go ahead:
+// a risk taken only after a crash, and their statements are idempotent.
+// A variable for the tests.
 var migrationLockStale = 10 * time.Minute
 
 // lockMigrations waits until it holds database's migration lock, or ctx
@@ -102,6 +104,7 @@ func lockMigrations(ctx context.Context, conn driver.Conn, database string) (unl
 	table := database + "." + migrationLockTable
 	var waitingSince time.Time
 	for {
+		// Nothing is written to it; a table needs a column.
 		err := conn.Exec(ctx, "CREATE TABLE "+table+" (holder String) ENGINE = Memory")
 		if err == nil {
 			return func() {
