@@ -93,8 +93,9 @@ const (
 
 // migrationLockStale is the age past which a lock is taken to be left by a
 // Migrate that died holding it (applying every migration takes seconds),
-// and dropped. Two Migrates that find it stale at once may both go ahead:
-// a risk taken only after a crash, and their statements are idempotent.
+// and dropped. Two Migrates that find it stale at once may both go ahead,
+// and one of them fail on a view the other dropped: an error to run it
+// again after, only ever after a crash.
 // A variable for the tests.
 var migrationLockStale = 10 * time.Minute
 
