@@ -2,6 +2,7 @@ package warehouse
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -154,24 +155,13 @@ func isCode(err error, code int32) bool {
 // is gone. (ClickHouse 18.16 may answer "doesn't exist" for a table
 // dropped while system.tables is read: gone too.)
 func lockAge(ctx context.Context, conn driver.Conn, database string) (time.Duration, error) {
-	rows, err := conn.Query(ctx, "SELECT toInt64(now() - metadata_modification_time) FROM system.tables WHERE database = ? AND name = ?",
-		database, migrationLockTable)
-	if isCode(err, codeUnknownTable) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("cannot read the age of the migration lock %s.%s: %w", database, migrationLockTable, err)
-	}
-	defer rows.Close()
 	var seconds int64
-	if rows.Next() {
-		if err := rows.Scan(&seconds); err != nil {
-			return 0, fmt.Errorf("cannot read the age of the migration lock %s.%s: %w", database, migrationLockTable, err)
-		}
-	}
-	if err := rows.Err(); isCode(err, codeUnknownTable) {
+	err := conn.QueryRow(ctx, "SELECT toInt64(now() - metadata_modification_time) FROM system.tables WHERE database = ? AND name = ?",
+		database, migrationLockTable).Scan(&seconds)
+	switch {
+	case errors.Is(err, sql.ErrNoRows), isCode(err, codeUnknownTable):
 		return 0, nil
-	} else if err != nil {
+	case err != nil:
 		return 0, fmt.Errorf("cannot read the age of the migration lock %s.%s: %w", database, migrationLockTable, err)
 	}
 	return time.Duration(seconds) * time.Second, nil
