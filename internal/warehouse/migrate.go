@@ -95,9 +95,9 @@ const (
 // migrationLockStale is the age past which a lock is taken to be left by a
 // Migrate that died holding it (applying every migration takes seconds),
 // and dropped. Two Migrates that find it stale at once may both go ahead,
-// and one of them fail on a view the other dropped: an error to run it
-// again after, only ever after a crash.
-// A variable for the tests.
+// and one of them then fail on a view the other dropped: an error that
+// running it again clears, and only ever after a crash. A variable for the
+// tests.
 var migrationLockStale = 10 * time.Minute
 
 // lockMigrations waits until it holds database's migration lock, or ctx
