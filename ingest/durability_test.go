@@ -363,9 +363,14 @@ func TestSpoolKeepsOrderAcrossReopen(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	first, err := sp.read(3)
+	// Each event holds 12 bytes of key and value: a read stops at the
+	// first event that reaches 25 bytes, the third.
+	first, err := sp.read(100, 25)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if len(first) != 3 {
+		t.Fatalf("read(100, 25) returned %d events, want 3", len(first))
 	}
 	if err := sp.remove(first); err != nil {
 		t.Fatal(err)
@@ -385,7 +390,7 @@ func TestSpoolKeepsOrderAcrossReopen(t *testing.T) {
 	if age := sp.ageSeconds(now.Add(time.Minute)); age != 57 {
 		t.Fatalf("oldest age %v, want 57 (the fourth event, 3s after the first)", age)
 	}
-	rest, err := sp.read(100)
+	rest, err := sp.read(100, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -399,7 +404,7 @@ func TestSpoolKeepsOrderAcrossReopen(t *testing.T) {
 	if err := sp.append(topicClicks, []byte("key-10"), []byte("{}"), now); err != nil {
 		t.Fatal(err)
 	}
-	all, _ := sp.read(100)
+	all, _ := sp.read(100, 1<<20)
 	if len(all) != 8 || string(all[7].key) != "key-10" {
 		t.Fatalf("after reopen and append: %d events, last %q", len(all), all[len(all)-1].key)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sort"
 	"time"
 
@@ -49,6 +50,11 @@ type flight struct {
 	meta     [numTopics]topicMeta
 	metaAt   time.Time
 	metaWant bool // refresh before the next round: a leader moved, say
+	// metaStale: a round failed somewhere. kafka-go's Transport answers
+	// metadata requests from its own cache, refreshed every few seconds,
+	// and routes produce requests by that cache; so the refresh drops the
+	// cache first and reads the cluster's current view.
+	metaStale bool
 
 	// Scratch, reused by every round.
 	parts []*partBatch
@@ -124,6 +130,27 @@ func (f *flight) run() {
 		if again {
 			f.backoff(retry)
 		}
+	}
+}
+
+// settle produces batch in rounds of its own, without the input queue,
+// retrying what a retry may cure, and completes every event before it
+// returns. Each round sends a partition's events as one record batch,
+// which a broker appends whole or not at all, and retries a failed
+// partition whole; so when batch fits in one round, each partition's
+// events end up either all acked or all failed, never a later one
+// without an earlier one. That is what the spool's drainer needs.
+func (f *flight) settle(batch []*event) {
+	batch = slices.Clone(batch)
+	var next []*event
+	for len(batch) > 0 {
+		var again bool
+		next, again = f.round(batch, next[:0])
+		if !again {
+			return
+		}
+		f.backoff(next)
+		batch, next = next, batch[:0]
 	}
 }
 
@@ -235,7 +262,9 @@ func (f *flight) round(batch []*event, retry []*event) (_ []*event, again bool) 
 	}
 	for _, p := range f.parts {
 		if p.err != nil {
-			f.metaWant = true // a leader may have moved
+			// A leader may have moved, or the broker went away and the
+			// transport's cached view is an error until it next looks.
+			f.metaWant, f.metaStale = true, true
 		}
 	}
 	f.release()
@@ -367,12 +396,15 @@ func (f *flight) produce(parts []*partBatch) {
 var errNoAnswer = errors.New("the broker's produce response left out the partition")
 
 // retriable: the partition's error is one a retry after fresh metadata
-// cures (a leader moved, replicas caught up). A broker that cannot be
-// reached is not retried here: the event goes to the spool at once, and the
-// spool's drainer is the retry.
+// cures: a leader moved, replicas caught up, or the transport's cached
+// view of the cluster could not route the request (no leader known, or the
+// partitions grouped for one leader have different ones in its view). A
+// broker that cannot be reached is not retried here: the event goes to the
+// spool at once, and the spool's drainer is the retry.
 func retriable(err error) bool {
 	var ke kafka.Error
-	return errors.As(err, &ke) && ke.Temporary()
+	var routing *produceapi.Error
+	return errors.As(err, &ke) && ke.Temporary() || errors.As(err, &routing)
 }
 
 // refreshMeta reads the topics' partition leaders. On failure the old
@@ -381,6 +413,15 @@ func retriable(err error) bool {
 func (f *flight) refreshMeta() {
 	ctx, cancel := context.WithTimeout(f.ctx, f.timeout)
 	defer cancel()
+	if f.metaStale {
+		// Between rounds nothing is in flight, so every connection is
+		// idle: this drops the transport's connection pool with its cached
+		// metadata, and the next request starts a pool that reads the
+		// cluster's metadata afresh. Both flight and the transport's
+		// routing then go by the new leaders.
+		f.transport.CloseIdleConnections()
+		f.metaStale = false
+	}
 	f.metaWant = false
 	f.metaAt = time.Now()
 	res, err := f.client.Metadata(ctx, &kafka.MetadataRequest{Topics: topicNames[:]})

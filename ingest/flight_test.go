@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"strconv"
 	"strings"
@@ -12,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kfake"
@@ -347,5 +350,125 @@ func TestFlightFailsAtOnceWhenTheBrokerIsDown(t *testing.T) {
 	// The handler spools it: waiting here would only hold the request.
 	if d := time.Since(start); d > 3*time.Second {
 		t.Fatalf("failing took %v", d)
+	}
+}
+
+// TestDrainKeepsPartitionOrderWhenARoundFails: the spool holds events of
+// one click ID (one partition), answered in order 0..n-1 (think: pending,
+// then approved). While it drains, a leader election outlasts flight's
+// attempts. Had the later events succeeded in a later round while the
+// earlier ones failed, the drainer would produce the earlier ones again
+// after them, and Kafka's last copy of the spool would be out of order.
+func TestDrainKeepsPartitionOrderWhenARoundFails(t *testing.T) {
+	c, addr := flightCluster(t)
+	// A leader election that outlasts flight's three attempts (20 ms and
+	// 40 ms apart): the first three produce requests are refused with
+	// NOT_LEADER_OR_FOLLOWER, then the broker answers normally.
+	var refused atomic.Int32
+	c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if refused.Load() >= flightAttempts {
+			return nil, nil, false // the broker's own answer from now on
+		}
+		refused.Add(1)
+		return notLeader(req), nil, true
+	})
+
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	sp, err := openSpool(t.TempDir(), 1<<30, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := []byte(testKey(1))
+	const n = 50
+	// Events of 64 KiB (as flight counts them: key + value + 64), so that
+	// a round holds at most 16 of them (flightMaxBytes) and the first
+	// round never takes every event, however the goroutines are scheduled.
+	pad := strings.Repeat("x", 1<<16-64-len(key)-3)
+	for i := range n {
+		if err := sp.append(topicPostbacks, key, fmt.Appendf(nil, "%02d|%s", i, pad), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := newMetrics(prometheus.NewRegistry(), sp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{Brokers: []string{addr}, ProduceTimeout: time.Second, Logger: log}
+	p := newProducer(&cfg, sp, m)
+	p.start()
+	deadline := time.Now().Add(15 * time.Second)
+	for sp.count.Load() > 0 || sp.active.Load() {
+		if time.Now().After(deadline) {
+			t.Fatalf("the spool did not drain: %d events left", sp.count.Load())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	p.close()
+	sp.close()
+
+	// The last occurrence of each event decides what a consumer that lets
+	// a later record win ends up with: it must be in spool order.
+	var seq []int
+	for _, msg := range readTopic(t, addr, bus.TopicPostbacks) {
+		v, _ := strconv.Atoi(string(msg.Value[:2]))
+		seq = append(seq, v)
+	}
+	last := map[int]int{}
+	for i, v := range seq {
+		last[v] = i
+	}
+	for v := 1; v < n; v++ {
+		if last[v] < last[v-1] {
+			t.Fatalf("Kafka holds the spooled events out of order: event %d last at offset %d, after event %d last at offset %d; partition: %v",
+				v-1, last[v-1], v, last[v], fmt.Sprint(seq))
+		}
+	}
+}
+
+// TestFlightFollowsALeaderMove: kafka-go's Transport answers metadata
+// requests from its cache (refreshed every few seconds) and routes produce
+// requests by it. Unless flight drops that cache after a failed round, all
+// of its attempts go to the old leader, and every leader move sends the
+// edge into spooling.
+func TestFlightFollowsALeaderMove(t *testing.T) {
+	c, addrs := flightClusterOf(t, 2)
+	q := startFlight(t, addrs...)
+	key := testKey(1)
+	part := int32(bus.PartitionFor([]byte(key), flightTestPartitions))
+
+	settle := func(ev *event) error {
+		select {
+		case err := <-ev.result:
+			return err
+		case <-time.After(15 * time.Second):
+			t.Fatal("the event was not settled within 15s")
+			return nil
+		}
+	}
+	ev := flightEvent(topicClicks, key, "before")
+	q <- ev
+	if err := settle(ev); err != nil {
+		t.Fatalf("before the move: %v", err)
+	}
+
+	old := c.LeaderFor(bus.TopicClicks, part)
+	var other int32 = -1
+	for _, n := range []int32{0, 1, 2} {
+		if n != old {
+			if err := c.MoveTopicPartition(bus.TopicClicks, part, n); err == nil {
+				other = n
+				break
+			}
+		}
+	}
+	if other < 0 || c.LeaderFor(bus.TopicClicks, part) == old {
+		t.Fatalf("could not move the leader of partition %d away from %d", part, old)
+	}
+
+	ev = flightEvent(topicClicks, key, "after")
+	q <- ev
+	if err := settle(ev); err != nil {
+		t.Fatalf("after moving the leader of partition %d from node %d to %d, flight gave up: %v", part, old, other, err)
 	}
 }

@@ -63,7 +63,10 @@ type producer struct {
 	spool   *spool
 	queue   chan *event // to flight, both topics
 	flight  *flight
-	pool    sync.Pool
+	// drainFlight produces the spooled events, driven by the drainer
+	// itself (flight.settle), with connections of its own.
+	drainFlight *flight
+	pool        sync.Pool
 
 	// abandoned counts events the handler spooled while Kafka still held
 	// them. The drainer waits for them to settle so that a late ack of the
@@ -105,6 +108,7 @@ func newProducer(cfg *Config, sp *spool, m *metrics) *producer {
 	var fctx context.Context
 	fctx, p.flightCancel = context.WithCancel(context.Background())
 	p.flight = newFlight(fctx, cfg.Brokers, p.queue, produceRequestTimeout)
+	p.drainFlight = newFlight(p.ctx, cfg.Brokers, nil, produceRequestTimeout)
 	p.flightDone = make(chan struct{})
 	return p
 }
@@ -132,7 +136,8 @@ func (p *producer) start() {
 // No handler may call send once close has begun.
 func (p *producer) close() {
 	p.cancel()
-	p.drainer.Wait() // the drainer sends to the queue too
+	p.drainer.Wait()
+	p.drainFlight.transport.CloseIdleConnections()
 	close(p.queue)
 	select {
 	case <-p.flightDone:
@@ -274,7 +279,11 @@ func (p *producer) toSpool(ev *event, now time.Time) (produceResult, error) {
 // active, deleting each only after Kafka acked it; when the spool is empty
 // it switches the edge back to producing directly.
 func (p *producer) drain() {
-	const batch = 512
+	// A batch is at most one flight round (flightMaxEvents,
+	// flightMaxBytes), so that each partition's events in it go out as one
+	// record batch (see flight.settle), and well under a broker's default
+	// message.max.bytes (1 MiB).
+	const batch, batchBytes = 512, 512 << 10
 	backoff := 100 * time.Millisecond
 	drained := 0
 	for {
@@ -289,7 +298,7 @@ func (p *producer) drain() {
 		if !p.waitAbandoned() {
 			return
 		}
-		evs, err := p.spool.read(batch)
+		evs, err := p.spool.read(batch, batchBytes)
 		if err != nil {
 			p.log.Error("cannot read the spool", "err", err)
 			if !p.sleep(time.Second) {
@@ -351,8 +360,13 @@ func (p *producer) sleep(d time.Duration) bool {
 	}
 }
 
-// produceSpooled sends spooled events to Kafka in order and waits for each
-// ack. It returns the acked ones and the first error.
+// produceSpooled produces spooled events, oldest first, and returns the
+// acked ones and the first error. A partition's events are all acked or
+// none (flight.settle): the ones left in the spool are the oldest of their
+// partition, and go out again before anything that came after them. Had
+// they gone through the edge's queue, a partition's events could span
+// rounds, and a later round could succeed after an earlier one failed,
+// putting Kafka's copy of the spool out of order.
 func (p *producer) produceSpooled(spooled []spooledEvent) ([]spooledEvent, error) {
 	evs := make([]*event, len(spooled))
 	for i, s := range spooled {
@@ -361,48 +375,21 @@ func (p *producer) produceSpooled(spooled []spooledEvent) ([]spooledEvent, error
 		ev.value = append(ev.value[:0], s.value...)
 		ev.state.Store(stateQueued)
 		ev.refs.Add(1)
-		select {
-		case p.queue <- ev:
-		case <-p.ctx.Done():
-			ev.state.Store(stateIdle)
-			ev.refs.Add(-1)
-			p.put(ev)
-			for _, e := range evs[:i] {
-				p.abandon(e)
-			}
-			return nil, p.ctx.Err()
-		}
 		evs[i] = ev
 	}
+	p.drainFlight.settle(evs)
 	var acked []spooledEvent
 	var firstErr error
 	for i, ev := range evs {
-		select {
-		case err := <-ev.result:
-			if err == nil {
-				acked = append(acked, spooled[i])
-			} else if firstErr == nil {
-				firstErr = err
-			}
-			p.put(ev)
-		case <-p.ctx.Done():
-			for _, e := range evs[i:] {
-				p.abandon(e)
-			}
-			return acked, p.ctx.Err()
+		if err := <-ev.result; err == nil { // settle completed every event
+			acked = append(acked, spooled[i])
+		} else if firstErr == nil {
+			firstErr = err
 		}
+		p.put(ev)
+	}
+	if firstErr == nil && p.ctx.Err() != nil {
+		firstErr = p.ctx.Err()
 	}
 	return acked, firstErr
-}
-
-// abandon gives up waiting for a queued event's ack (shutting down).
-func (p *producer) abandon(ev *event) {
-	p.abandoned.Add(1)
-	if ev.state.CompareAndSwap(stateQueued, stateAbandoned) {
-		p.put(ev)
-		return
-	}
-	p.abandoned.Add(-1)
-	<-ev.result
-	p.put(ev)
 }

@@ -150,14 +150,16 @@ func (s *spool) nudge() {
 	}
 }
 
-// read returns up to max of the oldest spooled events, oldest first.
-func (s *spool) read(max int) ([]spooledEvent, error) {
+// read returns the oldest spooled events, oldest first: up to max of
+// them, and no more once they hold maxBytes of keys and values.
+func (s *spool) read(max, maxBytes int) ([]spooledEvent, error) {
 	it, err := s.db.NewIter(nil)
 	if err != nil {
 		return nil, fmt.Errorf("cannot read edge spool %q: %w", s.dir, err)
 	}
 	var out []spooledEvent
-	for valid := it.First(); valid && len(out) < max; valid = it.Next() {
+	size := 0
+	for valid := it.First(); valid && len(out) < max && size < maxBytes; valid = it.Next() {
 		v, err := it.ValueAndErr()
 		if err != nil {
 			it.Close()
@@ -170,6 +172,7 @@ func (s *spool) read(max int) ([]spooledEvent, error) {
 			return nil, fmt.Errorf("edge spool %q: %w", s.dir, err)
 		}
 		out = append(out, ev)
+		size += len(ev.key) + len(ev.value)
 	}
 	if err := it.Close(); err != nil {
 		return nil, fmt.Errorf("cannot read edge spool %q: %w", s.dir, err)
