@@ -106,6 +106,12 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 		gen, err := cg.Next(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
+				// Closing the group ends the generation at once, and with
+				// it the committer's wait: stay until the engine has
+				// drained, so that what it finished is committed first.
+				// Otherwise the partition's next owner, which has no dedup
+				// marker of ours, sends those postbacks again.
+				<-drained
 				return
 			}
 			d.log.Warn("consumer group error; rejoining", "group", d.cfg.Group, "err", err)

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/trackstar/trackstar/dispatcher"
@@ -232,4 +233,69 @@ func TestKilledMidScheduleResumes(t *testing.T) {
 	// At-least-once: a kill between a partner's answer and its record may
 	// repeat a request, with the same idempotency key.
 	t.Logf("%d conversions delivered across two SIGKILLs; repeated: %s", len(first)+len(second), strings.Join(dup, " "))
+}
+
+// TestShutdownCommitsWhatTheDrainFinished: a postback in flight when the
+// dispatcher is told to stop is finished and recorded during the drain, so
+// its offset must be committed before Run returns. Otherwise the next owner
+// of the partition (another dispatcher after a rolling deploy, with a data
+// dir of its own and so no dedup marker) sends the partner the postback
+// again.
+func TestShutdownCommitsWhatTheDrainFinished(t *testing.T) {
+	inFlight := make(chan struct{})
+	var once sync.Once
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if nth == 1 {
+			once.Do(func() { close(inFlight) })
+			time.Sleep(1500 * time.Millisecond) // well within the 5s timeout
+		}
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "5s", "[1s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+
+	// Dispatcher A: the conversion is in flight when it is told to stop.
+	ctxA, cancelA := context.WithCancel(context.Background())
+	doneA := make(chan error, 1)
+	go func() {
+		doneA <- dispatcher.Run(ctxA, dispatcher.Config{
+			Brokers: []string{addr}, Catalog: cat, DataDir: t.TempDir(),
+			Registry: prometheus.NewRegistry(), Logger: testLogger(t), CommitInterval: 100 * time.Millisecond,
+		})
+	}()
+	c := newConversion(7)
+	produce(t, addr, c)
+	select {
+	case <-inFlight:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the partner never got the postback")
+	}
+	cancelA()
+	select {
+	case err := <-doneA:
+		if err != nil {
+			t.Fatalf("dispatcher A: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("dispatcher A did not stop")
+	}
+	if !recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) {
+		// The record may still be on its way to the collector.
+		waitFor(t, "the delivered record", func() bool { return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) })
+	}
+	got := committed(t, addr, 1)
+
+	// Dispatcher B takes over the partition with a data dir of its own.
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+	c2 := newConversion(7)
+	produce(t, addr, c2)
+	waitFor(t, "dispatcher B to deliver a later conversion", func() bool {
+		return recs.hasOutcome(t, c2.ConversionID, schemas.OutcomeDelivered)
+	})
+	n := len(p.requestsFor(c.ConversionID))
+
+	if got != 1 || n != 1 {
+		t.Fatalf("after a clean shutdown that finished the delivery during the drain: committed offset %d (want 1); "+
+			"the partner got the postback %d times (want 1)", got, n)
+	}
 }
