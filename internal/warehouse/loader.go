@@ -519,7 +519,10 @@ func RunLoader(ctx context.Context, cfg LoaderConfig) error {
 // tableState is the main loop's view of one table.
 type tableState struct {
 	t    *loaderTable
-	open *batch      // collecting records
+	open *batch // collecting records
+	// held is a record that would take open past MaxBytes: it starts the
+	// next batch once open is handed off.
+	held *record
 	busy bool        // its flusher holds a batch
 	work chan *batch // to its flusher
 }
@@ -562,11 +565,18 @@ func (l *loader) run(ctx context.Context) {
 			}
 		}()
 	}
-	full := func(b *batch) bool { return b.records() >= l.cfg.MaxRows || b.size >= l.cfg.MaxBytes }
+	// A record alone may exceed MaxBytes; it then has a batch to itself.
+	full := func(st *tableState) bool {
+		return st.held != nil || st.open.records() >= l.cfg.MaxRows || st.open.size >= l.cfg.MaxBytes
+	}
 	handOff := func(st *tableState) {
 		st.busy = true
 		st.work <- st.open
 		st.open = &batch{}
+		if st.held != nil {
+			st.open.add(st.t.topic, *st.held)
+			st.held = nil
+		}
 	}
 
 	tick := time.NewTicker(max(l.cfg.FlushInterval/4, 5*time.Millisecond))
@@ -577,11 +587,11 @@ func (l *loader) run(ctx context.Context) {
 			if st.open.records() == 0 {
 				continue
 			}
-			ready := full(st.open) || time.Since(st.open.started) >= l.cfg.FlushInterval
+			ready := full(st) || time.Since(st.open.started) >= l.cfg.FlushInterval
 			switch {
 			case ready && !st.busy:
 				handOff(st)
-			case full(st.open):
+			case full(st):
 				paused = true
 			}
 		}
@@ -593,7 +603,11 @@ func (l *loader) run(ctx context.Context) {
 		case <-ctx.Done():
 		case r := <-in:
 			st := states[r.table]
-			st.open.add(st.t.topic, r)
+			if st.open.records() > 0 && st.open.size+r.size > l.cfg.MaxBytes {
+				st.held = &r
+			} else {
+				st.open.add(st.t.topic, r)
+			}
 			if r.row != nil {
 				l.m.buffered.WithLabelValues(st.t.name).Inc()
 			}

@@ -859,3 +859,70 @@ func waitForGroupSplit(t *testing.T, broker, group string, members int) {
 		return nil
 	})
 }
+
+// TestLoaderBatchBytesCap: LoaderConfig.MaxBytes caps the Kafka record
+// bytes in one batch. With records of ~700 bytes and MaxBytes 1000, no
+// INSERT may carry two records: a record that would take a batch past the
+// cap starts the next one.
+func TestLoaderBatchBytesCap(t *testing.T) {
+	broker := testenv.KafkaTopics(t, 1)
+	chAddr, db := testenv.ClickHouseDB(t)
+	conn := migratedDB(t, chAddr, db)
+	t0 := serverTime(t, conn)
+
+	var msgs []kafka.Message
+	size := 0
+	for i := range 2 {
+		ts := t0.Add(time.Duration(i) * time.Second)
+		c := schemas.Click{ClickID: schemas.NewID(ts), TS: ts.UnixMilli(), OfferID: 1, AdvertiserID: 1, AffID: 7,
+			UserAgent: strings.Repeat("x", 500)}
+		c.V = schemas.Version
+		v := c.AppendJSON(nil)
+		size = len(v)
+		msgs = append(msgs, kafka.Message{Key: []byte(c.ClickID), Value: v})
+	}
+	const maxBytes = 1000
+	if size >= maxBytes || 2*size <= maxBytes {
+		t.Fatalf("test setup: record size %d must be below %d and two records above it", size, maxBytes)
+	}
+	produce(t, broker, bus.TopicClicks, msgs)
+
+	reg := prometheus.NewRegistry()
+	startLoader(t, LoaderConfig{Brokers: []string{broker}, ClickHouse: chAddr, Database: db,
+		Group: "bytes-cap", MaxBytes: maxBytes, FlushInterval: time.Hour, Registry: reg})
+
+	eventually(t, "a batch inserted", 30*time.Second, func() error {
+		if n := metricValue(t, reg, "trackstar_loader_rows_inserted_total", "table", "clicks"); n == 0 {
+			return fmt.Errorf("nothing inserted yet")
+		}
+		return nil
+	})
+	time.Sleep(500 * time.Millisecond)
+	rows := metricValue(t, reg, "trackstar_loader_rows_inserted_total", "table", "clicks")
+	inserts := insertCount(t, reg, "clicks")
+	if rows > inserts {
+		t.Fatalf("%v rows in %v INSERT(s) of clicks: an INSERT carried %d-byte records totalling more than MaxBytes %d",
+			rows, inserts, size, maxBytes)
+	}
+}
+
+func insertCount(t *testing.T, reg *prometheus.Registry, table string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "trackstar_loader_insert_seconds" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if lp.GetName() == "table" && lp.GetValue() == table {
+					return float64(m.GetHistogram().GetSampleCount())
+				}
+			}
+		}
+	}
+	return 0
+}
