@@ -23,6 +23,20 @@ import (
 // DefaultGroup is the consumer group of the attributor.
 const DefaultGroup = "trackstar-attributor"
 
+// LateMargin is how much longer than its attribution window (and grace) a
+// click is kept, so that a postback the edge received inside the window
+// but could produce only later — spooled through a Kafka outage, say —
+// still finds it. Topics keep their records at least this much longer too
+// (a moved partition is rebuilt from them).
+const LateMargin = 24 * time.Hour
+
+// keepFor is how long clicks, their conversions' slots and transaction
+// claims, and processed postbacks are kept: the longest attribution window,
+// grace, and LateMargin. A rebuild restores the same span.
+func keepFor(cat *catalog.Catalog, grace time.Duration) time.Duration {
+	return cat.MaxAttributionWindow() + grace + LateMargin
+}
+
 // Config configures Run.
 type Config struct {
 	Brokers []string // required

@@ -103,6 +103,9 @@ func (p *partition) load() (bool, error) {
 		if err != nil {
 			return false, fmt.Errorf("held postback %x: %w", it.Key(), err)
 		}
+		// The stored value is the record as read; it was held (and keyed)
+		// under the click ID in lower case.
+		pb.ClickID = normalizeID(pb.ClickID)
 		p.addHeld(heldPostback{offset: int64(binary.BigEndian.Uint64(v)), deadline: p.deadline(&pb), pb: pb})
 	}
 	// The store keeps them by event ID; they are decided in offset order.
@@ -468,8 +471,8 @@ func splitRecord(rec []byte) (key, value []byte, err error) {
 // restore takes over the decision recorded in one conversion record read
 // back from the conversions topic: a partition rebuilt on another member
 // knows what was decided before, so replays re-emit it and later postbacks
-// see its slot.
-func (p *partition) restore(w *work, cat *catalog.Catalog, value []byte) error {
+// see its slot. since is where the rebuilt window begins (the expiry cut).
+func (p *partition) restore(w *work, cat *catalog.Catalog, value []byte, since time.Time) error {
 	c, err := schemas.DecodeConversion(value)
 	if err != nil || c.PostbackEventID == "" {
 		return nil
@@ -480,6 +483,13 @@ func (p *partition) restore(w *work, cat *catalog.Catalog, value []byte) error {
 	w.key = eventKey(w.key[:0], p.id, c.PostbackEventID)
 	if err := w.b.Set(w.key, rec, nil); err != nil {
 		return err
+	}
+	if c.ClickID < minIDAt(since) {
+		// The click is older than the window: where the partition stayed,
+		// expiry dropped its slots with it, and a later click may have
+		// claimed its transaction since. The record stays, for replays of
+		// its postback; its slots must not come back.
+		return nil
 	}
 	for _, s := range Restore(cat, &c) {
 		// A replayed older version may follow a newer one in the topic.
@@ -498,10 +508,10 @@ func (p *partition) restore(w *work, cat *catalog.Catalog, value []byte) error {
 }
 
 // expire drops clicks, slots and processed-postback records older than the
-// longest attribution window plus grace, measured back from the postbacks'
-// time: the clock while the postbacks partition is caught up, the time of
-// the last postback read while it is behind (so that a backlog does not
-// expire clicks its postbacks still need).
+// longest attribution window plus grace plus LateMargin (keepFor), measured
+// back from the postbacks' time: the clock while the postbacks partition is
+// caught up, the time of the last postback read while it is behind (so
+// that a backlog does not expire clicks its postbacks still need).
 func (p *partition) expire(cat *catalog.Catalog, now time.Time) error {
 	window := cat.MaxAttributionWindow()
 	if window <= 0 {
@@ -514,7 +524,7 @@ func (p *partition) expire(cat *catalog.Catalog, now time.Time) error {
 	if clock == 0 {
 		return nil
 	}
-	cut := []byte(minIDAt(time.UnixMilli(clock).Add(-window - p.grace)))
+	cut := []byte(minIDAt(time.UnixMilli(clock).Add(-keepFor(cat, p.grace))))
 	b := p.db.NewBatch()
 	defer b.Close()
 

@@ -443,8 +443,9 @@ func (s *script) partitionCmd(cmd, name string, args map[string]string) {
 		s.fs = vfs.NewMem()
 		s.open()
 		w := s.p.begin()
+		since := s.now.Add(-keepFor(s.cat, s.p.grace))
 		for _, v := range s.emitted {
-			if err := s.p.restore(w, s.cat, v); err != nil {
+			if err := s.p.restore(w, s.cat, v, since); err != nil {
 				s.fatalf("restore: %v", err)
 			}
 		}

@@ -427,7 +427,7 @@ func (w *worker) rebuild(ctx context.Context) error {
 		return storeErr(err)
 	}
 	*p = *newPartition(a.db, w.id, a.cfg.Grace, a.m)
-	since := time.Now().Add(-a.cfg.Catalog.Current().MaxAttributionWindow() - a.cfg.Grace)
+	since := time.Now().Add(-keepFor(a.cfg.Catalog.Current(), a.cfg.Grace))
 
 	clicksStart, err := w.offsetAt(ctx, bus.TopicClicks, since)
 	if err != nil {
@@ -502,7 +502,7 @@ func (w *worker) restoreConversions(ctx context.Context, since time.Time) (int, 
 			return n, fmt.Errorf("cannot read %s/%d: %w", bus.TopicConversions, w.id, err)
 		}
 		next = m.Offset + 1
-		if err := p.restore(wk, cat, m.Value); err != nil {
+		if err := p.restore(wk, cat, m.Value, since); err != nil {
 			return n, storeErr(err)
 		}
 		n++

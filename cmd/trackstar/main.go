@@ -276,11 +276,12 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 }
 
 func ensureTopics(ctx context.Context, o options, brokers []string, holder *catalog.Holder, log *slog.Logger) error {
-	// Clicks and postbacks must outlive the longest attribution window,
-	// since a partition that moves is rebuilt from them.
+	// Clicks and postbacks must outlive what the attributor keeps (the
+	// longest attribution window, grace and attributor.LateMargin), since a
+	// partition that moves is rebuilt from them; a day more for slack.
 	retention := 7 * 24 * time.Hour
 	if holder != nil {
-		if w := holder.Current().MaxAttributionWindow() + o.grace + 24*time.Hour; w > retention {
+		if w := holder.Current().MaxAttributionWindow() + o.grace + attributor.LateMargin + 24*time.Hour; w > retention {
 			retention = w
 		}
 	}
