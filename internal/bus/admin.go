@@ -99,6 +99,13 @@ func EnsureTopics(ctx context.Context, cfg TopicsConfig) (int, error) {
 		return 0, fmt.Errorf("%w: %s has %d, %s has %d; give them the same count (kafka-topics --alter --partitions) before starting Trackstar",
 			ErrUnequalPartitions, TopicClicks, nc, TopicPostbacks, np)
 	}
+	if nv := existing[TopicConversions]; nv != nc {
+		// Not fatal: conversions are still decided and delivered. But a
+		// moved partition is rebuilt without the decisions made before.
+		cfg.Logger.Warn("the conversions topic has another partition count than clicks: a partition that moves to another attributor "+
+			"cannot restore the conversions decided before, so their status updates and duplicates are not recognised there; "+
+			"give them the same count", "clicks_partitions", nc, "conversions_partitions", nv)
+	}
 	if cfg.Retention > 0 {
 		if err := ensureRetention(ctx, client, cfg.Retention, cfg.Logger); err != nil {
 			return 0, err

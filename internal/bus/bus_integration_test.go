@@ -1,10 +1,13 @@
 package bus_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -138,6 +141,31 @@ func TestEnsureTopicsRefusesUnequalPartitions(t *testing.T) {
 		t.Fatalf("EnsureTopics = %v, want ErrUnequalPartitions", err)
 	}
 	t.Logf("error as printed: %v", err)
+}
+
+// A conversions topic with another partition count than clicks still
+// starts (conversions are decided and delivered), with a warning that a
+// moved partition cannot restore the decisions made before.
+func TestEnsureTopicsWarnsOfUnequalConversions(t *testing.T) {
+	addr := testenv.Kafka(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	client := &kafka.Client{Addr: kafka.TCP(addr)}
+	_, err := client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{
+		{Topic: bus.TopicConversions, NumPartitions: 2, ReplicationFactor: 1},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	n, err := bus.EnsureTopics(ctx, bus.TopicsConfig{Brokers: []string{addr}, Partitions: 4,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil || n != 4 {
+		t.Fatalf("EnsureTopics = %d, %v; want 4, nil", n, err)
+	}
+	if !strings.Contains(logs.String(), "level=WARN") || !strings.Contains(logs.String(), "conversions_partitions=2") {
+		t.Fatalf("no warning of the conversions topic's partition count; log:\n%s", logs.String())
+	}
 }
 
 // groupMember joins the attributor-style consumer group and reports each
