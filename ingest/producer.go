@@ -310,6 +310,12 @@ func (p *producer) drain() {
 			if p.spool.deactivateIfEmpty() {
 				p.log.Info("spool drained; producing directly to Kafka again", "events", drained)
 				drained = 0
+				continue
+			}
+			// Appends are under way: wait for one to finish (it nudges)
+			// rather than read the spool again and again meanwhile.
+			if !p.waitNudge(10 * time.Millisecond) {
+				return
 			}
 			continue
 		}
@@ -347,6 +353,21 @@ func (p *producer) waitAbandoned() bool {
 		}
 	}
 	return true
+}
+
+// waitNudge waits for the spool's nudge, for at most d; false once the
+// producer closes.
+func (p *producer) waitNudge(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-p.ctx.Done():
+		return false
+	case <-p.spool.wake:
+		return true
+	case <-t.C:
+		return true
+	}
 }
 
 func (p *producer) sleep(d time.Duration) bool {
