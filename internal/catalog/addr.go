@@ -9,9 +9,11 @@ import (
 // false for loopback, private (RFC 1918, fc00::/7, fec0::/10),
 // link-local, unspecified and multicast addresses, and also for 0.0.0.0/8,
 // the carrier-grade NAT range 100.64.0.0/10 (where some clouds keep their
-// metadata service), 240.0.0.0/4 and the broadcast address. An IPv4-mapped
-// IPv6 address or a NAT64 (64:ff9b::/96) address is judged by the IPv4
-// address inside it. The dispatcher checks resolved host names with it at
+// metadata service), 192.0.0.0/24, 198.18.0.0/15, 240.0.0.0/4 and the
+// broadcast address, the deprecated IPv4-compatible ::/96 and the local-use
+// NAT64 prefix 64:ff9b:1::/48. An IPv4-mapped IPv6 address, a NAT64
+// (64:ff9b::/96) address or a 6to4 (2002::/16) address is judged by the
+// IPv4 address inside it. The dispatcher checks resolved host names with it at
 // send time; Parse checks IP-literal hosts with it at load.
 func IsPublicAddr(a netip.Addr) bool {
 	return addrClass(a) == ""
@@ -24,10 +26,15 @@ var (
 	}{
 		{netip.MustParsePrefix("0.0.0.0/8"), "unspecified"},
 		{netip.MustParsePrefix("100.64.0.0/10"), "shared (carrier-grade NAT)"},
+		{netip.MustParsePrefix("192.0.0.0/24"), "reserved"},
+		{netip.MustParsePrefix("198.18.0.0/15"), "reserved (benchmarking)"},
 		{netip.MustParsePrefix("240.0.0.0/4"), "reserved"},
 		{netip.MustParsePrefix("fec0::/10"), "private"},
+		{netip.MustParsePrefix("::/96"), "IPv4-compatible (deprecated)"},
+		{netip.MustParsePrefix("64:ff9b:1::/48"), "local-use NAT64"},
 	}
 	nat64Prefix = netip.MustParsePrefix("64:ff9b::/96")
+	sixToFour   = netip.MustParsePrefix("2002::/16")
 )
 
 // addrClass names why a is not public, or returns "" when it is.
@@ -56,6 +63,10 @@ func addrClass(a netip.Addr) string {
 		b := a.As16()
 		return addrClass(netip.AddrFrom4([4]byte(b[12:])))
 	}
+	if sixToFour.Contains(a) {
+		b := a.As16()
+		return addrClass(netip.AddrFrom4([4]byte(b[2:6])))
+	}
 	return ""
 }
 
@@ -70,7 +81,7 @@ func privateHostReason(host string) string {
 	if a, err := netip.ParseAddr(h); err == nil {
 		switch class := addrClass(a); {
 		case class == "":
-		case strings.ContainsRune("aeiou", rune(class[0])):
+		case strings.ContainsRune("aeiouAEIOU", rune(class[0])):
 			return "an " + class + " address"
 		default:
 			return "a " + class + " address"

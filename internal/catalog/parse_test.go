@@ -560,6 +560,14 @@ func TestIsPublicAddr(t *testing.T) {
 	f("::ffff:8.8.8.8", true)
 	f("64:ff9b::7f00:1", false)
 	f("64:ff9b::808:808", true)
+	f("2002:7f00:1::1", false)   // 6to4 of 127.0.0.1
+	f("2002:a9fe:a9fe::", false) // 6to4 of 169.254.169.254
+	f("2002:808:808::1", true)
+	f("64:ff9b:1::a00:1", false)
+	f("::7f00:1", false) // IPv4-compatible 127.0.0.1
+	f("192.0.0.170", false)
+	f("198.18.0.1", false)
+	f("198.20.0.1", true)
 	if IsPublicAddr(netip.Addr{}) {
 		t.Fatalf("the zero Addr is public")
 	}
