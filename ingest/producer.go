@@ -301,7 +301,7 @@ func (p *producer) drain() {
 		evs, err := p.spool.read(batch, batchBytes)
 		if err != nil {
 			p.log.Error("cannot read the spool", "err", err)
-			if !p.sleep(time.Second) {
+			if !p.sleep(time.Second, nil) {
 				return
 			}
 			continue
@@ -314,7 +314,7 @@ func (p *producer) drain() {
 			}
 			// Appends are under way: wait for one to finish (it nudges)
 			// rather than read the spool again and again meanwhile.
-			if !p.waitNudge(10 * time.Millisecond) {
+			if !p.sleep(10*time.Millisecond, p.spool.wake) {
 				return
 			}
 			continue
@@ -332,7 +332,7 @@ func (p *producer) drain() {
 				return
 			}
 			p.log.Debug("cannot drain the spool yet", "err", err, "retry_in", backoff)
-			if !p.sleep(backoff) {
+			if !p.sleep(backoff, nil) {
 				return
 			}
 			backoff = min(2*backoff, 2*time.Second)
@@ -348,34 +348,23 @@ func (p *producer) drain() {
 func (p *producer) waitAbandoned() bool {
 	deadline := time.Now().Add(time.Minute)
 	for p.abandoned.Load() > 0 && time.Now().Before(deadline) {
-		if !p.sleep(10 * time.Millisecond) {
+		if !p.sleep(10*time.Millisecond, nil) {
 			return false
 		}
 	}
 	return true
 }
 
-// waitNudge waits for the spool's nudge, for at most d; false once the
+// sleep waits for d, or until wake (when not nil) fires; false once the
 // producer closes.
-func (p *producer) waitNudge(d time.Duration) bool {
+func (p *producer) sleep(d time.Duration, wake <-chan struct{}) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-p.ctx.Done():
 		return false
-	case <-p.spool.wake:
+	case <-wake:
 		return true
-	case <-t.C:
-		return true
-	}
-}
-
-func (p *producer) sleep(d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-p.ctx.Done():
-		return false
 	case <-t.C:
 		return true
 	}
