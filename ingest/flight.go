@@ -135,11 +135,12 @@ func (f *flight) run() {
 
 // settle produces batch in rounds of its own, without the input queue,
 // retrying what a retry may cure, and completes every event before it
-// returns. Each round sends a partition's events as one record batch,
-// which a broker appends whole or not at all, and retries a failed
-// partition whole; so when batch fits in one round, each partition's
-// events end up either all acked or all failed, never a later one
-// without an earlier one. That is what the spool's drainer needs.
+// returns. Every round takes the whole of what is left: it sends each
+// partition's events as one record batch, which a broker appends whole or
+// not at all, and a failed partition is retried whole. So each partition's
+// events end up either all acked or all failed, never a later one without
+// an earlier one. That is what the spool's drainer needs; the caller keeps
+// batch small enough for one request (well under message.max.bytes).
 func (f *flight) settle(batch []*event) {
 	batch = slices.Clone(batch)
 	var next []*event

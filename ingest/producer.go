@@ -279,10 +279,9 @@ func (p *producer) toSpool(ev *event, now time.Time) (produceResult, error) {
 // active, deleting each only after Kafka acked it; when the spool is empty
 // it switches the edge back to producing directly.
 func (p *producer) drain() {
-	// A batch is at most one flight round (flightMaxEvents,
-	// flightMaxBytes), so that each partition's events in it go out as one
-	// record batch (see flight.settle), and well under a broker's default
-	// message.max.bytes (1 MiB).
+	// A batch goes out as one request, each partition's events in it as
+	// one record batch (see flight.settle): keep it well under a broker's
+	// default message.max.bytes (1 MiB).
 	const batch, batchBytes = 512, 512 << 10
 	backoff := 100 * time.Millisecond
 	drained := 0
