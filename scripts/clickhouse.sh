@@ -101,6 +101,15 @@ alive() {
   tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "--config-file=$1/config.xml"
 }
 
+# running PID: the process exists and is not a zombie. Unlike alive, it
+# holds from the fork on, before setsid has exec'd the server (until then
+# the child's command line is still this script's).
+running() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 show_logs() {
   local f
   for f in "$1/log/server.err.log" "$1/stdout.log"; do
@@ -199,9 +208,9 @@ start() {
 
     deadline=$((SECONDS + 60))
     while [ "$SECONDS" -lt "$deadline" ]; do
-      # alive, not kill -0: until this script exits, a server that died
+      # running, not kill -0: until this script exits, a server that died
       # is our zombie, and kill -0 succeeds on a zombie.
-      alive "$dir" || break
+      running "$pid" || break
       if http_answers "$http" && answers 127.0.0.1 "$tcp"; then
         echo "clickhouse.sh: ClickHouse (pid $pid) answers on 127.0.0.1:$tcp (native) and :$http (HTTP), files under $dir" >&2
         echo "$tcp"
@@ -210,7 +219,7 @@ start() {
       sleep 0.5
     done
 
-    if alive "$dir"; then
+    if running "$pid"; then
       echo "clickhouse.sh: ClickHouse (pid $pid) did not answer within 60s" >&2
       show_logs "$dir"
       stop "$dir"
