@@ -346,6 +346,40 @@ func TestSpoolFullAnswers503(t *testing.T) {
 	}
 }
 
+// The spool deactivates when its store is empty, whatever its counters
+// say (a write that failed its sync may still have reached the store), and
+// not while it holds an event.
+func TestSpoolDeactivatesWhenEmptyWhateverItsCount(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	sp, err := openSpool(t.TempDir(), 1<<20, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sp.close()
+	for _, drift := range []int64{-1, +1} {
+		if err := sp.append(topicClicks, []byte("key"), []byte("{}"), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if sp.deactivateIfEmpty() {
+			t.Fatalf("deactivated while holding an event")
+		}
+		evs, err := sp.read(10, 1<<20)
+		if err != nil || len(evs) != 1 {
+			t.Fatalf("read: %d events, %v", len(evs), err)
+		}
+		if err := sp.remove(evs); err != nil {
+			t.Fatal(err)
+		}
+		sp.count.Add(drift)
+		if !sp.deactivateIfEmpty() {
+			t.Fatalf("an empty spool with its count off by %d stays active", drift)
+		}
+		if sp.active.Load() || sp.count.Load() != 0 || sp.bytes.Load() != 0 {
+			t.Fatalf("after deactivating: active %v, count %d, bytes %d", sp.active.Load(), sp.count.Load(), sp.bytes.Load())
+		}
+	}
+}
+
 func TestSpoolKeepsOrderAcrossReopen(t *testing.T) {
 	dir := t.TempDir()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))

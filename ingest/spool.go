@@ -214,12 +214,28 @@ func (s *spool) remove(evs []spooledEvent) error {
 
 // deactivateIfEmpty makes the spool inactive when it holds nothing and no
 // append is under way, and reports whether it did.
+//
+// It asks the store, not the counters: with no append under way, the store
+// holds all there is, and the counters are set to match. They can be off
+// after a write that failed its sync but reached the store anyway (Pebble
+// reports the error after applying the batch); trusting them, a spool
+// could never deactivate again.
 func (s *spool) deactivateIfEmpty() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.count.Load() != 0 || s.appending != 0 {
+	if s.appending != 0 {
 		return false
 	}
+	it, err := s.db.NewIter(nil)
+	if err != nil {
+		return false
+	}
+	empty := !it.First()
+	if err := it.Close(); err != nil || !empty {
+		return false
+	}
+	s.count.Store(0)
+	s.bytes.Store(0)
 	s.active.Store(false)
 	s.oldestMS.Store(0)
 	return true
