@@ -171,7 +171,7 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 			return err
 		}
 		holder = h
-		go holder.WatchSIGHUP(ctx, log)
+		holder.WatchSIGHUP(ctx, log) // subscribed before start-up goes on; it watches in a goroutine of its own
 	}
 
 	if o.partitions <= 0 {

@@ -237,6 +237,16 @@ func (p *parser) advertiser(n *yaml.Node, path string) (*Advertiser, *yaml.Node,
 			p.errorf(v, ipPath, "%q is not a CIDR (like 203.0.113.0/24) or an IP address", s)
 			continue
 		}
+		// Client addresses are compared as IPv4 when they are IPv4-mapped
+		// (AllowsIP), and a prefix never matches the other family: keep
+		// an IPv4-mapped entry as the IPv4 prefix it means.
+		if prefix.Addr().Is4In6() {
+			if prefix.Bits() < 96 {
+				p.errorf(v, ipPath, "%q mixes IPv4-mapped and other IPv6 addresses; write the IPv4 range (like 203.0.113.0/24)", s)
+				continue
+			}
+			prefix = netip.PrefixFrom(prefix.Addr().Unmap(), prefix.Bits()-96)
+		}
 		a.AllowedIPs = append(a.AllowedIPs, prefix.Masked())
 	}
 	return a, idNode, tokenNode

@@ -572,3 +572,33 @@ func TestIsPublicAddr(t *testing.T) {
 		t.Fatalf("the zero Addr is public")
 	}
 }
+
+// allowed_ips written as IPv4-mapped IPv6 (as many logs and `ss` print
+// client addresses) matches the IPv4 addresses it means. AllowsIP compares
+// IPv4-mapped clients as IPv4, and a prefix never matches across families,
+// so kept as IPv6 such an entry matched nothing: every postback of that
+// advertiser got 403.
+func TestAllowedIPsIPv4Mapped(t *testing.T) {
+	for _, entry := range []string{"::ffff:203.0.113.5", "::ffff:203.0.113.0/120"} {
+		cfg := `advertisers:
+- {id: 1, token: t1, allowed_ips: ["` + entry + `"]}
+`
+		c, err := Parse([]byte(cfg), "t.yaml")
+		if err != nil {
+			t.Fatalf("allowed_ips %q: %v", entry, err)
+		}
+		adv := c.Advertiser(1)
+		for _, ip := range []string{"203.0.113.5", "::ffff:203.0.113.5"} {
+			if !adv.AllowsIP(netip.MustParseAddr(ip)) {
+				t.Errorf("allowed_ips [%q] loaded as %v, but a postback from %s is refused", entry, adv.AllowedIPs, ip)
+			}
+		}
+	}
+}
+
+func TestAllowedIPsRefusesMixedMappedPrefix(t *testing.T) {
+	_, err := Parse([]byte("advertisers:\n- {id: 1, token: t1, allowed_ips: [\"::ffff:0.0.0.0/80\"]}\n"), "t.yaml")
+	if err == nil || !strings.Contains(err.Error(), "IPv4-mapped") {
+		t.Fatalf("Parse = %v, want an error about IPv4-mapped addresses", err)
+	}
+}
