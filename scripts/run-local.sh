@@ -35,7 +35,7 @@ if ! bin/trackstar migrate --clickhouse "$ch" --log-level warn >/dev/null 2>&1; 
 fi
 
 cleanup() {
-  [ -n "${ts_pid:-}" ] && kill "$ts_pid" 2>/dev/null && wait "$ts_pid" 2>/dev/null
+  if [ -n "${ts_pid:-}" ] && kill "$ts_pid" 2>/dev/null; then wait "$ts_pid" 2>/dev/null || true; fi
   [ -n "$started_ch" ] && scripts/clickhouse.sh stop "$started_ch"
   true
 }

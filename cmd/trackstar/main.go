@@ -83,6 +83,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP reloads the config where there is one; everywhere else, and
+	// during shutdown, it must not kill the process (its default action).
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGHUP)
 
 	switch cmd {
 	case "migrate":
