@@ -75,7 +75,7 @@ func New(cfg Config) (*Edge, error) {
 		}
 		return nil
 	})
-	e.ops = fasthttpadaptor.NewFastHTTPHandler(ops.Handler(cfg.Registry, cfg.Health))
+	e.ops = fasthttpadaptor.NewFastHTTPHandler(ops.Handler(cfg.Registry, cfg.Health, "edge"))
 	e.srv = &fasthttp.Server{
 		Handler:                      e.guard(e.handle),
 		ErrorHandler:                 e.handleBadRequest,

@@ -2,6 +2,7 @@ package ingest
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -416,6 +417,13 @@ func TestOpsEndpoints(t *testing.T) {
 	}
 	if r := get(t, te.url+"/readyz"); r.code != 200 {
 		t.Fatalf("/readyz: %d %q", r.code, r.body)
+	}
+	// In `trackstar all` the roles share one Health. Another role's trouble
+	// (the loader without ClickHouse) is shown but must not take the edge
+	// out of a load balancer: the edge still lands its events in Kafka.
+	te.health.Register("loader", func() error { return errors.New("ClickHouse unreachable") })
+	if r := get(t, te.url+"/readyz"); r.code != 200 || !strings.Contains(r.body, "loader: ClickHouse unreachable") {
+		t.Fatalf("/readyz with the loader not ready: %d %q, want 200 naming the loader", r.code, r.body)
 	}
 	if r := get(t, te.url+"/click?offer_id=1&aff_id=7"); r.code != 302 {
 		t.Fatalf("click: %d", r.code)

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -48,10 +49,21 @@ func (h *Health) Register(name string, check func() error) {
 // Ready runs every check. It returns nil when all pass, or an error listing
 // each failing check by name.
 func (h *Health) Ready() error {
+	if msgs := h.failures(nil); len(msgs) > 0 {
+		return errors.New(strings.Join(msgs, "; "))
+	}
+	return nil
+}
+
+// failures runs the checks and returns "name: error" for each that fails,
+// sorted by name; with keep non-nil, only for the names it accepts.
+func (h *Health) failures(keep func(name string) bool) []string {
 	h.mu.Lock()
 	names := make([]string, 0, len(h.checks))
 	for n := range h.checks {
-		names = append(names, n)
+		if keep == nil || keep(n) {
+			names = append(names, n)
+		}
 	}
 	checks := h.checks
 	h.mu.Unlock()
@@ -62,15 +74,21 @@ func (h *Health) Ready() error {
 			msgs = append(msgs, n+": "+err.Error())
 		}
 	}
-	if len(msgs) > 0 {
-		return errors.New(strings.Join(msgs, "; "))
-	}
-	return nil
+	return msgs
 }
 
-// Handler serves /healthz (the process is alive), /readyz (200 when every
-// check passes, 503 with the reasons otherwise) and /metrics.
-func Handler(reg *prometheus.Registry, h *Health) http.Handler {
+// Handler serves /healthz (the process is alive), /readyz and /metrics.
+//
+// /readyz answers 503 with the reasons when a check named in gate fails
+// (any check, when gate is empty), and 200 otherwise. The edge gates on its
+// own check only: a load balancer reads its /readyz to decide where clicks
+// go, and in `trackstar all` a loader waiting for ClickHouse must not take
+// the edge out of rotation, since the edge still lands every event in
+// Kafka. The other checks' failures are still listed in the body, after
+// "ready", for the operator.
+func Handler(reg *prometheus.Registry, h *Health, gate ...string) http.Handler {
+	gates := func(name string) bool { return len(gate) == 0 || slices.Contains(gate, name) }
+	others := func(name string) bool { return !gates(name) }
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -78,12 +96,17 @@ func Handler(reg *prometheus.Registry, h *Health) http.Handler {
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if err := h.Ready(); err != nil {
+		if msgs := h.failures(gates); len(msgs) > 0 {
 			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, "not ready:", err)
+			fmt.Fprintln(w, "not ready:", strings.Join(msgs, "; "))
 			return
 		}
 		fmt.Fprintln(w, "ready")
+		if len(gate) > 0 {
+			if msgs := h.failures(others); len(msgs) > 0 {
+				fmt.Fprintln(w, "other roles in this process, not gating this listener:", strings.Join(msgs, "; "))
+			}
+		}
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	return mux
