@@ -57,7 +57,7 @@ func TestFailsThenSucceeds(t *testing.T) {
 	if len(reqs) != fails+1 || len(p.requests()) != fails+1 {
 		t.Fatalf("partner got %d requests (%d for the conversion), want %d", len(p.requests()), len(reqs), fails+1)
 	}
-	wantURI := "/pb?cid=" + url.QueryEscape(c.Sub1) + "&p=1.75&st=approved&tx=" + c.ConversionID + "&g=default"
+	wantURI := "/pb?cid=" + strings.ReplaceAll(url.QueryEscape(c.Sub1), "+", "%20") + "&p=1.75&st=approved&tx=" + c.ConversionID + "&g=default"
 	for i, r := range reqs {
 		if r.method != http.MethodGet || r.uri != wantURI {
 			t.Fatalf("request %d: %s %s, want GET %s", i+1, r.method, r.uri, wantURI)

@@ -68,7 +68,7 @@ func TestClickRedirectsWithEveryMacro(t *testing.T) {
 		if strings.Contains(c.query, "aff_id=8") {
 			aff = "8"
 		}
-		esc := url.QueryEscape
+		esc := func(s string) string { return strings.ReplaceAll(url.QueryEscape(s), "+", "%20") }
 		want := "https://shop.example/land?c=" + id + "&t=" + id + "&o=1&a=" + aff + "&af=" + aff
 		for i, s := range c.subs {
 			want += fmt.Sprintf("&s%d=%s", i+1, esc(s))

@@ -198,8 +198,9 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 // String returns the template as written in the config.
 func (t *Template) String() string { return t.raw }
 
-// Append appends the URL with macros replaced by v's values, query-escaped
-// as url.QueryEscape does. It does not allocate when dst has room.
+// Append appends the URL with macros replaced by v's values,
+// percent-encoded (appendEscape) so that they read back the same from the
+// URL's path, query or fragment. It does not allocate when dst has room.
 func (t *Template) Append(dst []byte, v *Values) []byte {
 	for i := range t.parts {
 		p := &t.parts[i]
@@ -207,29 +208,29 @@ func (t *Template) Append(dst []byte, v *Values) []byte {
 		case literal:
 			dst = append(dst, p.lit...)
 		case macroClickID:
-			dst = appendQueryEscape(dst, v.ClickID)
+			dst = appendEscape(dst, v.ClickID)
 		case macroOfferID:
 			dst = strconv.AppendUint(dst, uint64(v.OfferID), 10)
 		case macroAffID:
 			dst = strconv.AppendUint(dst, uint64(v.AffID), 10)
 		case macroSub1, macroSub2, macroSub3, macroSub4, macroSub5:
-			dst = appendQueryEscape(dst, v.Sub[p.macro-macroSub1])
+			dst = appendEscape(dst, v.Sub[p.macro-macroSub1])
 		case macroSource:
-			dst = appendQueryEscape(dst, v.Source)
+			dst = appendEscape(dst, v.Source)
 		case macroConversionID:
-			dst = appendQueryEscape(dst, v.ConversionID)
+			dst = appendEscape(dst, v.ConversionID)
 		case macroGoal:
-			dst = appendQueryEscape(dst, v.Goal)
+			dst = appendEscape(dst, v.Goal)
 		case macroPayout:
-			dst = appendQueryEscape(dst, v.Payout)
+			dst = appendEscape(dst, v.Payout)
 		case macroSaleAmount:
-			dst = appendQueryEscape(dst, v.SaleAmount)
+			dst = appendEscape(dst, v.SaleAmount)
 		case macroCurrency:
-			dst = appendQueryEscape(dst, v.Currency)
+			dst = appendEscape(dst, v.Currency)
 		case macroStatus:
-			dst = appendQueryEscape(dst, v.Status)
+			dst = appendEscape(dst, v.Status)
 		case macroTxnID:
-			dst = appendQueryEscape(dst, v.TxnID)
+			dst = appendEscape(dst, v.TxnID)
 		case macroClickTS:
 			dst = strconv.AppendInt(dst, unixSeconds(v.ClickTS), 10)
 		case macroConversionTS:
@@ -250,8 +251,8 @@ func unixSeconds(ms int64) int64 {
 	return s
 }
 
-// queryUnreserved marks the bytes url.QueryEscape leaves as they are.
-var queryUnreserved = func() (t [256]bool) {
+// unreserved marks the bytes RFC 3986 leaves as they are anywhere in a URL.
+var unreserved = func() (t [256]bool) {
 	for c := 'a'; c <= 'z'; c++ {
 		t[c] = true
 	}
@@ -265,17 +266,17 @@ var queryUnreserved = func() (t [256]bool) {
 	return t
 }()
 
-// appendQueryEscape appends url.QueryEscape(s) to dst without allocating.
-func appendQueryEscape(dst []byte, s string) []byte {
+// appendEscape appends s to dst with every byte but the unreserved ones
+// percent-encoded, without allocating. That is url.QueryEscape with a space
+// written %20 instead of +: a macro may stand in a URL's path, where + is a
+// plus sign, as well as in its query, where both decode to a space.
+func appendEscape(dst []byte, s string) []byte {
 	const hex = "0123456789ABCDEF"
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		switch {
-		case queryUnreserved[c]:
+		if unreserved[c] {
 			dst = append(dst, c)
-		case c == ' ':
-			dst = append(dst, '+')
-		default:
+		} else {
 			dst = append(dst, '%', hex[c>>4], hex[c&15])
 		}
 	}

@@ -46,16 +46,23 @@ func TestTemplateAppend(t *testing.T) {
 	f("https://shop.example/{offer_id}/?a={aff_id}&a2={affiliate_id}", false,
 		"https://shop.example/12/?a=4294967295&a2=4294967295")
 	f("https://shop.example/?s1={sub1}&s2={sub2}&s3={sub3}&s4={sub4}&s5={sub5}&src={source}", false,
-		"https://shop.example/?s1=a%26b%3Dc&s2=two+words&s3=h%C3%A9llo+w%C3%B6rld&s4=%E2%82%AC%2F%3F%23%25%2B&s5=&src=news+feed")
+		"https://shop.example/?s1=a%26b%3Dc&s2=two%20words&s3=h%C3%A9llo%20w%C3%B6rld&s4=%E2%82%AC%2F%3F%23%25%2B&s5=&src=news%20feed")
 	f("https://shop.example/?s1={aff_sub}&s2={aff_sub2}&s3={aff_sub3}&s4={aff_sub4}&s5={aff_sub5}", false,
-		"https://shop.example/?s1=a%26b%3Dc&s2=two+words&s3=h%C3%A9llo+w%C3%B6rld&s4=%E2%82%AC%2F%3F%23%25%2B&s5=")
+		"https://shop.example/?s1=a%26b%3Dc&s2=two%20words&s3=h%C3%A9llo%20w%C3%B6rld&s4=%E2%82%AC%2F%3F%23%25%2B&s5=")
 	f("https://shop.example/{click_id}{offer_id}", false,
 		"https://shop.example/0190b5c3f2a07c1d9e4b2a6f8c3d1e5a12")
 	f("https://p.example/pb?cv={conversion_id}&g={goal}&p={payout}&s={sale_amount}&c={currency}&st={status}&tx={txn_id}", true,
-		"https://p.example/pb?cv=cv-1&g=sale&p=1.3993&s=19.99&c=EUR&st=approved&tx=order+42%2FB")
+		"https://p.example/pb?cv=cv-1&g=sale&p=1.3993&s=19.99&c=EUR&st=approved&tx=order%2042%2FB")
 	f("https://p.example/pb?ct={click_ts}&vt={conversion_ts}&c={click_id}", true,
 		"https://p.example/pb?ct=1700000000&vt=1700000123&c=0190b5c3f2a07c1d9e4b2a6f8c3d1e5a")
 	f("https://p.example/pb#}{sub1}", true, "https://p.example/pb#}a%26b%3Dc")
+	// In a path, + is a plus sign: a space must be %20 there.
+	f("https://shop.example/c/{sub2}/{sub4}?q={sub2}", false,
+		"https://shop.example/c/two%20words/%E2%82%AC%2F%3F%23%25%2B?q=two%20words")
+	u, err := url.Parse("https://shop.example/c/two%20words/%E2%82%AC%2F%3F%23%25%2B?q=two%20words")
+	if err != nil || u.Path != "/c/two words/€/?#%+" || u.Query().Get("q") != "two words" {
+		t.Fatalf("the rendered URL reads back as path %q, q %q (%v)", u.Path, u.Query().Get("q"), err)
+	}
 
 	// Unknown timestamps render as 0.
 	zero := &Values{}
@@ -104,11 +111,21 @@ func TestParseTemplateErrors(t *testing.T) {
 	f("https://a.example/\x7f", false, "malformed URL: net/url: invalid control character in URL")
 }
 
-func TestAppendQueryEscapeMatchesStdlib(t *testing.T) {
+// TestAppendEscapeMatchesStdlib: appendEscape is url.QueryEscape with a
+// space as %20 (QueryEscape writes a + only for a space), and what it
+// writes reads back the same with both the path and the query unescaper.
+func TestAppendEscapeMatchesStdlib(t *testing.T) {
 	f := func(s string) {
 		t.Helper()
-		if got, want := string(appendQueryEscape(nil, s)), url.QueryEscape(s); got != want {
+		got := string(appendEscape(nil, s))
+		if want := strings.ReplaceAll(url.QueryEscape(s), "+", "%20"); got != want {
 			t.Fatalf("escaping %q: got %q, want %q", s, got, want)
+		}
+		if back, err := url.PathUnescape(got); err != nil || back != s {
+			t.Fatalf("PathUnescape(%q) = %q, %v; want %q", got, back, err, s)
+		}
+		if back, err := url.QueryUnescape(got); err != nil || back != s {
+			t.Fatalf("QueryUnescape(%q) = %q, %v; want %q", got, back, err, s)
 		}
 	}
 	for c := 0; c < 256; c++ {
