@@ -77,12 +77,12 @@ func newFlagSet(cmd string, o *options) *flag.FlagSet {
 	}
 	if cmd == "loadgen" {
 		fs.StringVar(&o.target, "target", "http://127.0.0.1:8080", "loadgen: the edge's base URL")
-		fs.Float64Var(&o.rate, "rate", 100, "loadgen: clicks per second")
+		fs.Float64Var(&o.rate, "rate", 100, "loadgen: clicks per second (> 0)")
 		fs.IntVar(&o.clicks, "clicks", 0, "loadgen: stop after this many clicks (0: run for --duration)")
 		fs.DurationVar(&o.duration, "duration", 10*time.Second, "loadgen: how long to send clicks when --clicks is 0")
 		fs.IntVar(&o.concurrency, "concurrency", 64, "loadgen: requests in flight at most")
-		fs.Float64Var(&o.postbackShare, "postback-share", 0.1, "loadgen: share of clicks that convert")
-		fs.DurationVar(&o.delayMean, "delay-mean", 2*time.Second, "loadgen: mean click→postback delay (exponential)")
+		fs.Float64Var(&o.postbackShare, "postback-share", 0.1, "loadgen: share of clicks that convert (0: no postbacks)")
+		fs.DurationVar(&o.delayMean, "delay-mean", 2*time.Second, "loadgen: mean click→postback delay (exponential; 0: at once)")
 		fs.Float64Var(&o.repeatShare, "repeat-share", 0.05, "loadgen: share of postbacks the advertiser repeats")
 		fs.Float64Var(&o.pendingShare, "pending-share", 0.1, "loadgen: share of conversions sent pending, then approved")
 		fs.Float64Var(&o.unknownShare, "unknown-share", 0.02, "loadgen: extra postbacks for click IDs that never existed")

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -36,5 +38,33 @@ func TestUnknownCommandAndLoadgen(t *testing.T) {
 	}
 	if err := run([]string{"edge", "--config", "/nonexistent.yaml"}, &out, &errw); err == nil || !strings.Contains(err.Error(), "--brokers is required") {
 		t.Fatalf("edge without brokers: %v", err)
+	}
+}
+
+// TestLoadgenExitsNonZeroWhenRequestsFail: loadgen against an address
+// nobody listens on prints its result and fails, naming what failed; a
+// setting out of range fails before anything is sent.
+func TestLoadgenExitsNonZeroWhenRequestsFail(t *testing.T) {
+	cfg, err := os.ReadFile("testdata/e2e.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "trackstar.yaml")
+	if err := os.WriteFile(path, []byte(strings.ReplaceAll(string(cfg), "{SINK}", "127.0.0.1:9")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	nobody := "http://" + freeAddr(t)
+	var out, errw strings.Builder
+	err = run([]string{"loadgen", "--config", path, "--target", nobody, "--clicks", "5", "--rate", "1000", "--postback-share", "0"}, &out, &errw)
+	if err == nil || !strings.Contains(err.Error(), "5 of 5 clicks and 0 of 0 postbacks failed") {
+		t.Fatalf("loadgen against nobody: %v, want 5 of 5 clicks failed", err)
+	}
+	if !strings.Contains(out.String(), "clicks       0 (0/s), errors 5") {
+		t.Fatalf("loadgen did not print its result:\n%s", out.String())
+	}
+	out.Reset()
+	err = run([]string{"loadgen", "--config", path, "--target", nobody, "--clicks", "5", "--rate", "0"}, &out, &errw)
+	if err == nil || !strings.Contains(err.Error(), "rate must be a positive number") {
+		t.Fatalf("loadgen --rate 0: %v, want an error naming the rate", err)
 	}
 }

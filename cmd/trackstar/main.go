@@ -142,6 +142,9 @@ func runLoadgen(ctx context.Context, o options, stdout, stderr io.Writer) error 
 	if res != nil {
 		res.Print(stdout)
 	}
+	if err == nil && res != nil {
+		err = res.Failed() // a run whose requests failed exits non-zero
+	}
 	return err
 }
 

@@ -27,7 +27,9 @@ import (
 	"github.com/trackstar/trackstar/schemas"
 )
 
-// Config configures Run. Zero values take the defaults in the comments.
+// Config configures Run. Zero values take the defaults in the comments
+// where zero would mean nothing else; a value out of its range is an error,
+// never silently replaced.
 type Config struct {
 	// Target is the edge's base URL. Default http://127.0.0.1:8080.
 	Target string
@@ -40,13 +42,14 @@ type Config struct {
 	Token string
 	Goals []string
 
-	Rate        float64       // clicks per second; default 100
+	Rate        float64       // clicks per second, > 0; required
 	Clicks      int           // stop after this many clicks; 0: run for Duration
 	Duration    time.Duration // default 10s when Clicks is 0
 	Concurrency int           // requests in flight at most; default 64
 
-	PostbackShare float64       // share of clicks that convert; default 0.1
-	DelayMean     time.Duration // mean delay click→postback (exponential); default 2s
+	// The shares are in [0, 1]; 0 means none.
+	PostbackShare float64       // share of clicks that convert
+	DelayMean     time.Duration // mean delay click→postback (exponential); 0: at once
 	DelayMax      time.Duration // cap on that delay; default 10×DelayMean
 	RepeatShare   float64       // share of postbacks the advertiser sends twice
 	PendingShare  float64       // share sent as pending first, approved later
@@ -160,25 +163,16 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if len(cfg.Offers) == 0 || len(cfg.Affiliates) == 0 {
 		return nil, errors.New("loadgen: no offers or affiliates to click on")
 	}
-	if cfg.Rate <= 0 {
-		cfg.Rate = 100
+	if err := cfg.check(); err != nil {
+		return nil, err
 	}
 	if cfg.Clicks == 0 && cfg.Duration == 0 {
 		cfg.Duration = 10 * time.Second
 	}
-	if cfg.Concurrency <= 0 {
+	if cfg.Concurrency == 0 {
 		cfg.Concurrency = 64
 	}
-	if cfg.PostbackShare == 0 {
-		cfg.PostbackShare = 0.1
-	}
-	if cfg.PostbackShare > 0 && cfg.Token == "" {
-		return nil, errors.New("loadgen: postbacks need an advertiser token")
-	}
-	if cfg.DelayMean <= 0 {
-		cfg.DelayMean = 2 * time.Second
-	}
-	if cfg.DelayMax <= 0 {
+	if cfg.DelayMax == 0 {
 		cfg.DelayMax = 10 * cfg.DelayMean
 	}
 	if len(cfg.Goals) == 0 {
@@ -227,6 +221,45 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	r.res.Delivered = int64(len(r.delivLat))
 	r.res.DeliveriesByLabel = r.byLabel
 	return &r.res, ctx.Err()
+}
+
+// check reports the first setting out of its range, by its CLI flag name.
+func (c *Config) check() error {
+	switch {
+	case !(c.Rate > 0) || math.IsInf(c.Rate, 1):
+		return fmt.Errorf("loadgen: rate must be a positive number of clicks per second, got %v", c.Rate)
+	case c.Clicks < 0:
+		return fmt.Errorf("loadgen: clicks must not be negative, got %d", c.Clicks)
+	case c.Duration < 0:
+		return fmt.Errorf("loadgen: duration must not be negative, got %s", c.Duration)
+	case c.Concurrency < 0:
+		return fmt.Errorf("loadgen: concurrency must be positive, got %d", c.Concurrency)
+	case c.DelayMean < 0:
+		return fmt.Errorf("loadgen: delay-mean must not be negative, got %s", c.DelayMean)
+	case c.DelayMax < 0:
+		return fmt.Errorf("loadgen: delay-max must not be negative, got %s", c.DelayMax)
+	}
+	for _, sh := range []struct {
+		name string
+		v    float64
+	}{{"postback-share", c.PostbackShare}, {"repeat-share", c.RepeatShare}, {"pending-share", c.PendingShare}, {"unknown-share", c.UnknownShare}} {
+		if !(sh.v >= 0 && sh.v <= 1) {
+			return fmt.Errorf("loadgen: %s must be between 0 and 1, got %v", sh.name, sh.v)
+		}
+	}
+	if c.PostbackShare > 0 && c.Token == "" {
+		return errors.New("loadgen: postbacks need an advertiser token")
+	}
+	return nil
+}
+
+// Failed says how many requests failed, as an error naming them, or nil.
+func (res *Result) Failed() error {
+	if res.ClickErrors == 0 && res.PostbackErrors == 0 {
+		return nil
+	}
+	return fmt.Errorf("loadgen: %d of %d clicks and %d of %d postbacks failed",
+		res.ClickErrors, res.Clicks+res.ClickErrors, res.PostbackErrors, res.Postbacks)
 }
 
 // zipf draws an index in [0, n) with P(k) ∝ 1/(k+1).
