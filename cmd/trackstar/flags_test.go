@@ -1,9 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -67,4 +71,46 @@ func TestLoadgenExitsNonZeroWhenRequestsFail(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "rate must be a positive number") {
 		t.Fatalf("loadgen --rate 0: %v, want an error naming the rate", err)
 	}
+}
+
+// TestStopWhileWaitingForKafka: SIGTERM while a role still waits for Kafka
+// at start-up is a clean stop (exit 0), as it is once the role runs.
+func TestStopWhileWaitingForKafka(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "edge", "--config", "../../examples/trackstar.yaml", "--brokers", freeAddr(t),
+		"--listen", freeAddr(t), "--data", t.TempDir())
+	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
+	var logs syncBuffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 30*time.Second, "the edge waits for Kafka", func() bool { return strings.Contains(logs.String(), "Kafka not ready; retrying") },
+		func() { _ = cmd.Process.Kill() })
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("trackstar edge stopped during start-up: %v, want exit 0; log:\n%s", err, logs.String())
+	}
+	if !strings.Contains(logs.String(), "stopped before start-up finished") {
+		t.Fatalf("no word of the stop in the log:\n%s", logs.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a subprocess's output and a reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -197,6 +197,12 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 	}
 
 	if err := ensureTopics(ctx, o, brokers, holder, log); err != nil {
+		if ctx.Err() != nil {
+			// Asked to stop while waiting for Kafka: nothing was started,
+			// so this is a clean stop, not a failure.
+			log.Info("stopped before start-up finished", "command", cmd)
+			return nil
+		}
 		return err
 	}
 
