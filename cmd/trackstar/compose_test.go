@@ -18,6 +18,7 @@ type composeFile struct {
 		Build       any            `yaml:"build"`
 		Command     []string       `yaml:"command"`
 		Environment map[string]any `yaml:"environment"`
+		DependsOn   map[string]any `yaml:"depends_on"`
 	} `yaml:"services"`
 }
 
@@ -101,6 +102,22 @@ func TestComposeMatchesBinaryFlags(t *testing.T) {
 	for _, role := range []string{"edge1", "edge2", "attributor1", "attributor2", "dispatcher", "loader", "migrate"} {
 		if !strings.Contains(string(data), "\n  "+role+":\n") {
 			t.Fatalf("docker-compose.yml has no service %s", role)
+		}
+	}
+
+	// Every role waits for Kafka; only the loader waits for the schema, so
+	// that a ClickHouse outage does not keep edges from starting.
+	var cf composeFile
+	if err := yaml.Unmarshal(data, &cf); err != nil {
+		t.Fatal(err)
+	}
+	for _, role := range []string{"edge1", "edge2", "attributor1", "attributor2", "dispatcher", "loader"} {
+		deps := cf.Services[role].DependsOn
+		if _, ok := deps["kafka"]; !ok {
+			t.Errorf("%s does not wait for kafka: depends_on %v", role, deps)
+		}
+		if _, ok := deps["migrate"]; ok != (role == "loader") {
+			t.Errorf("%s: depends on migrate = %v, want %v (only the loader needs the schema)", role, ok, role == "loader")
 		}
 	}
 }
