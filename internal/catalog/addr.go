@@ -10,10 +10,12 @@ import (
 // link-local, unspecified and multicast addresses, and also for 0.0.0.0/8,
 // the carrier-grade NAT range 100.64.0.0/10 (where some clouds keep their
 // metadata service), 192.0.0.0/24, 198.18.0.0/15, 240.0.0.0/4 and the
-// broadcast address, the deprecated IPv4-compatible ::/96 and the local-use
-// NAT64 prefix 64:ff9b:1::/48. An IPv4-mapped IPv6 address, a NAT64
-// (64:ff9b::/96) address or a 6to4 (2002::/16) address is judged by the
-// IPv4 address inside it. The dispatcher checks resolved host names with it at
+// broadcast address, the deprecated IPv4-compatible ::/96, the local-use
+// NAT64 prefix 64:ff9b:1::/48, Teredo tunnels (2001::/32, whose client
+// address is hidden behind a relay) and 2001:2::/48 (benchmarking). An
+// IPv4-mapped IPv6 address, an IPv4-translated (SIIT, ::ffff:0:0:0/96)
+// address, a NAT64 (64:ff9b::/96) address or a 6to4 (2002::/16) address is
+// judged by the IPv4 address inside it. The dispatcher checks resolved host names with it at
 // send time; Parse checks IP-literal hosts with it at load.
 func IsPublicAddr(a netip.Addr) bool {
 	return addrClass(a) == ""
@@ -32,9 +34,15 @@ var (
 		{netip.MustParsePrefix("fec0::/10"), "private"},
 		{netip.MustParsePrefix("::/96"), "IPv4-compatible (deprecated)"},
 		{netip.MustParsePrefix("64:ff9b:1::/48"), "local-use NAT64"},
+		{netip.MustParsePrefix("2001::/32"), "Teredo tunnel"},
+		{netip.MustParsePrefix("2001:2::/48"), "reserved (benchmarking)"},
 	}
-	nat64Prefix = netip.MustParsePrefix("64:ff9b::/96")
-	sixToFour   = netip.MustParsePrefix("2002::/16")
+	// Prefixes whose last 32 bits are an IPv4 address, judged as that.
+	embedsIPv4Last = []netip.Prefix{
+		netip.MustParsePrefix("64:ff9b::/96"),    // NAT64
+		netip.MustParsePrefix("::ffff:0:0:0/96"), // IPv4-translated (SIIT)
+	}
+	sixToFour = netip.MustParsePrefix("2002::/16")
 )
 
 // addrClass names why a is not public, or returns "" when it is.
@@ -59,9 +67,11 @@ func addrClass(a netip.Addr) string {
 			return r.class
 		}
 	}
-	if nat64Prefix.Contains(a) {
-		b := a.As16()
-		return addrClass(netip.AddrFrom4([4]byte(b[12:])))
+	for _, p := range embedsIPv4Last {
+		if p.Contains(a) {
+			b := a.As16()
+			return addrClass(netip.AddrFrom4([4]byte(b[12:])))
+		}
 	}
 	if sixToFour.Contains(a) {
 		b := a.As16()

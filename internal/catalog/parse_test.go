@@ -568,6 +568,12 @@ func TestIsPublicAddr(t *testing.T) {
 	f("192.0.0.170", false)
 	f("198.18.0.1", false)
 	f("198.20.0.1", true)
+	f("::ffff:0:7f00:1", false)                      // IPv4-translated (SIIT) 127.0.0.1
+	f("::ffff:0:a9fe:a9fe", false)                   // SIIT 169.254.169.254
+	f("::ffff:0:808:808", true)                      // SIIT 8.8.8.8
+	f("2001:0:4136:e378:8000:63bf:f5ff:fffe", false) // Teredo, client 10.0.0.1
+	f("2001:2::1", false)
+	f("2001:4860:4860::8888", true)
 	if IsPublicAddr(netip.Addr{}) {
 		t.Fatalf("the zero Addr is public")
 	}
