@@ -344,6 +344,7 @@ func TestRejections(t *testing.T) {
 	pb("GET", "/postback", "click_id="+id+"&amount=1e3"+tok, "", "", 400, "amount", "not a plain decimal")
 	pb("GET", "/postback", "click_id="+id+"&amount=1.23456"+tok, "", "", 400, "amount", "at most 4 decimal places")
 	pb("GET", "/postback", "click_id="+id+"&sum=-1"+tok, "", "", 400, "sum", `must not be negative, got "-1"`)
+	pb("GET", "/postback", "click_id="+id+"&amount=100000000000000"+tok, "", "", 400, "amount", `must be at most 99999999999999.9999, got "100000000000000"`)
 	pb("GET", "/postback", "click_id="+id+"&currency=US"+tok, "", "", 400, "currency", "three-letter ISO 4217 code")
 	pb("GET", "/postback", "click_id="+id+"&currency=U$D"+tok, "", "", 400, "currency", "three-letter ISO 4217 code")
 	pb("GET", "/postback", "click_id="+id+"&status=paid"+tok, "", "", 400, "status", `must be approved, pending or rejected, got "paid"`)

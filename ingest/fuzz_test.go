@@ -30,6 +30,8 @@ func FuzzParsePostback(f *testing.F) {
 		{"click_id=" + id + "&amount=-1", "", false},
 		{"click_id=" + id + "&amount=1e9", "", false},
 		{"click_id=" + id + "&amount=99999999999999999999", "", false},
+		{"click_id=" + id + "&amount=922337203685477.5807", "", false},
+		{"click_id=" + id + "&amount=99999999999999.9999", "", false},
 		{"click_id=" + id + "&currency=%FF%FEx", "", false},
 		{"click_id=" + id + "&goal=%ff%fe%00", "", false},
 		{"click_id=%00&&&===&%", "%zz", false},
@@ -55,8 +57,8 @@ func FuzzParsePostback(f *testing.F) {
 		if !schemas.ValidID(req.clickID) {
 			t.Fatalf("accepted click ID %q", req.clickID)
 		}
-		if req.hasAmount && req.amount < 0 {
-			t.Fatalf("accepted negative amount %v", req.amount)
+		if req.hasAmount && (req.amount < 0 || req.amount > schemas.MaxAmount) {
+			t.Fatalf("accepted amount %v, outside 0..MaxAmount", req.amount)
 		}
 		if len(req.goal) > 500 || len(req.txnID) > 500 || goalRoute && len(req.goal) == 0 {
 			t.Fatalf("accepted goal %q, txn_id %q", req.goal, req.txnID)

@@ -192,6 +192,9 @@ func parsePostback(query, form *fasthttp.Args, goalRoute bool, maxLen int) (post
 		if a < 0 {
 			return p, badRequest(name, "must not be negative, got "+quoteShort(amount))
 		}
+		if a > schemas.MaxAmount {
+			return p, badRequest(name, "must be at most 99999999999999.9999, got "+quoteShort(amount))
+		}
 		p.amount, p.hasAmount = a, true
 	}
 

@@ -13,6 +13,12 @@ const AmountScale = 4
 
 const amountUnit = 10000 // 10^AmountScale
 
+// MaxAmount is the largest amount Trackstar accepts as a sale amount or a
+// fixed revenue or payout: 99999999999999.9999, what the warehouse's
+// Decimal(18, 4) columns hold. Refusing more at the door keeps the loader
+// from having to dead-letter a conversion it cannot store.
+const MaxAmount Amount = 999_999_999_999_999_999
+
 // Amount is a non-negative-or-negative decimal money value with four decimal
 // places, stored as an integer count of 1/10000 units so that arithmetic on
 // it never drifts the way float64 does. Its JSON form is a decimal string
@@ -33,6 +39,9 @@ func ParseAmount(s string) (Amount, error) {
 func ParseAmountBytes(b []byte) (Amount, error) {
 	return parseAmount(b)
 }
+
+// maxWhole is the largest whole part an Amount holds: 922337203685477.
+const maxWhole = math.MaxInt64 / amountUnit
 
 func parseAmount[T string | []byte](s T) (Amount, error) {
 	if len(s) == 0 || len(s) > 24 {
@@ -60,7 +69,7 @@ func parseAmount[T string | []byte](s T) (Amount, error) {
 				frac = frac*10 + int64(c-'0')
 				fracDigits++
 			} else {
-				if whole > (math.MaxInt64/amountUnit-9)/10 {
+				if d := int64(c - '0'); whole > (maxWhole-d)/10 {
 					return 0, ErrBadAmount
 				}
 				whole = whole*10 + int64(c-'0')
@@ -78,6 +87,9 @@ func parseAmount[T string | []byte](s T) (Amount, error) {
 	}
 	for ; fracDigits < AmountScale; fracDigits++ {
 		frac *= 10
+	}
+	if whole == maxWhole && frac > math.MaxInt64%amountUnit {
+		return 0, ErrBadAmount
 	}
 	v := whole*amountUnit + frac
 	if neg {

@@ -400,6 +400,9 @@ func (p *parser) amount(n *yaml.Node, path string, isPercent bool) (schemas.Amou
 	case isPercent && a > schemas.AmountFromUnits(100*10000):
 		p.errorf(n, path, "%s%% is more than the whole sale amount (at most 100)", s)
 		return 0, false
+	case a > schemas.MaxAmount:
+		p.errorf(n, path, "%s is more than the warehouse holds (at most %s)", s, schemas.MaxAmount)
+		return 0, false
 	}
 	return a, true
 }

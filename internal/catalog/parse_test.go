@@ -195,6 +195,8 @@ offers:
 	f(rule("{fixed: -1}", "{percent: -7}"),
 		`t.yaml:8: offers[0].goals[0].revenue.fixed: must not be negative`,
 		`t.yaml:9: offers[0].goals[0].payout.percent: must not be negative`)
+	f(rule("{fixed: 100000000000000}", "{fixed: 99999999999999.9999}"),
+		`t.yaml:8: offers[0].goals[0].revenue.fixed: 100000000000000 is more than the warehouse holds (at most 99999999999999.9999)`)
 	f(rule("{percent: 100.0001}", "{percent: 100}"),
 		`t.yaml:8: offers[0].goals[0].revenue.percent: 100.0001% is more than the whole sale amount (at most 100)`)
 	f(rule("{fixed: 1.23456}", `{fixed: "1,5"}`),

@@ -207,13 +207,12 @@ func dateTime(field string, ms int64) (time.Time, error) {
 	return time.Unix(ms/1000, 0), nil
 }
 
-// maxDecimal18x4 is the largest count of 1/10000 units a Decimal(18, 4) holds.
-const maxDecimal18x4 = 999_999_999_999_999_999
-
 // decimal18x4 converts an Amount to a Decimal(18, 4) value, refusing what
-// the column cannot hold: an Amount has up to 19 digits.
+// the column cannot hold: an Amount has up to 19 digits. The edge and the
+// config refuse amounts over schemas.MaxAmount, so this only catches a
+// record that came from elsewhere.
 func decimal18x4(field string, a schemas.Amount) (decimal.Decimal, error) {
-	if u := a.Units(); u > maxDecimal18x4 || u < -maxDecimal18x4 {
+	if a > schemas.MaxAmount || a < -schemas.MaxAmount {
 		return decimal.Decimal{}, fmt.Errorf("%s %s does not fit a Decimal(18, 4)", field, a)
 	}
 	return decimal.New(a.Units(), -schemas.AmountScale), nil
