@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -326,7 +327,11 @@ func (w *worker) send(ctx context.Context, out []outRecord) error {
 	for {
 		// Not ctx itself: a write cancelled halfway may still land, and
 		// the generation should end with its conversions sent if it can.
-		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		// But only for half the time the group waits for this member to
+		// rejoin: past RebalanceTimeout the partition's next owner
+		// rebuilds it from the conversions topic, and a write landing
+		// after that rebuild would have its postbacks decided twice.
+		wctx, cancel := outlive(ctx, w.a.cfg.RebalanceTimeout/2, 30*time.Second)
 		err := w.a.writer.WriteMessages(wctx, msgs...)
 		cancel()
 		if err == nil {
@@ -349,6 +354,30 @@ func (w *worker) send(ctx context.Context, out []outRecord) error {
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// outlive returns a context that ends at most limit from now, or grace
+// after ctx ends, whichever is first.
+func outlive(ctx context.Context, grace, limit time.Duration) (context.Context, context.CancelFunc) {
+	out, cancel := context.WithTimeout(context.WithoutCancel(ctx), limit)
+	var timer *time.Timer
+	var mu sync.Mutex
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if out.Err() == nil {
+			timer = time.AfterFunc(grace, cancel)
+		}
+	})
+	return out, func() {
+		stop()
+		cancel()
+		mu.Lock()
+		defer mu.Unlock()
+		if timer != nil {
+			timer.Stop()
+		}
 	}
 }
 
