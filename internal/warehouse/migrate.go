@@ -56,8 +56,7 @@ func Migrate(ctx context.Context, addr, database string) error {
 		return err
 	}
 	defer unlock()
-	if err := conn.Exec(ctx, "CREATE TABLE IF NOT EXISTS "+database+".schema_migrations"+
-		" (name String, applied_at DateTime) ENGINE = ReplacingMergeTree ORDER BY name"); err != nil {
+	if err := conn.Exec(ctx, migrationsTableSQL(database)); err != nil {
 		return fmt.Errorf("cannot create %s.schema_migrations: %w", database, err)
 	}
 	applied, err := appliedMigrations(ctx, conn, database)
@@ -106,8 +105,7 @@ func lockMigrations(ctx context.Context, conn driver.Conn, database string) (unl
 	table := database + "." + migrationLockTable
 	var waitingSince time.Time
 	for {
-		// Nothing is written to it; a table needs a column.
-		err := conn.Exec(ctx, "CREATE TABLE "+table+" (holder String) ENGINE = Memory")
+		err := conn.Exec(ctx, lockTableSQL(database))
 		if err == nil {
 			return func() {
 				ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
@@ -156,8 +154,7 @@ func isCode(err error, code int32) bool {
 // dropped while system.tables is read: gone too.)
 func lockAge(ctx context.Context, conn driver.Conn, database string) (time.Duration, error) {
 	var seconds int64
-	err := conn.QueryRow(ctx, "SELECT toInt64(now() - metadata_modification_time) FROM system.tables WHERE database = ? AND name = ?",
-		database, migrationLockTable).Scan(&seconds)
+	err := conn.QueryRow(ctx, lockAgeSQL, database, migrationLockTable).Scan(&seconds)
 	switch {
 	case errors.Is(err, sql.ErrNoRows), isCode(err, codeUnknownTable):
 		return 0, nil
@@ -171,7 +168,7 @@ func lockAge(ctx context.Context, conn driver.Conn, database string) (time.Durat
 // as a data block: over the native protocol, ClickHouse 18.16 does not read
 // a VALUES clause from the query text and waits for data forever.
 func recordMigration(ctx context.Context, conn driver.Conn, database, name string) error {
-	batch, err := conn.PrepareBatch(ctx, "INSERT INTO "+database+".schema_migrations (name, applied_at)")
+	batch, err := conn.PrepareBatch(ctx, recordMigrationSQL(database))
 	if err == nil {
 		err = batch.Append(name, time.Now())
 	}
@@ -186,7 +183,7 @@ func recordMigration(ctx context.Context, conn driver.Conn, database, name strin
 
 // appliedMigrations returns the names schema_migrations lists.
 func appliedMigrations(ctx context.Context, conn driver.Conn, database string) (map[string]bool, error) {
-	rows, err := conn.Query(ctx, "SELECT DISTINCT name FROM "+database+".schema_migrations")
+	rows, err := conn.Query(ctx, appliedMigrationsSQL(database))
 	if err != nil {
 		return nil, fmt.Errorf("cannot read %s.schema_migrations: %w", database, err)
 	}
@@ -203,4 +200,28 @@ func appliedMigrations(ctx context.Context, conn driver.Conn, database string) (
 		return nil, fmt.Errorf("cannot read %s.schema_migrations: %w", database, err)
 	}
 	return applied, nil
+}
+
+// The statements of Migrate's bookkeeping, besides the migrations
+// themselves; TestSQLTranscript runs them on other servers too.
+
+func migrationsTableSQL(database string) string {
+	return "CREATE TABLE IF NOT EXISTS " + database + ".schema_migrations" +
+		" (name String, applied_at DateTime) ENGINE = ReplacingMergeTree ORDER BY name"
+}
+
+func lockTableSQL(database string) string {
+	// Nothing is written to it; a table needs a column.
+	return "CREATE TABLE " + database + "." + migrationLockTable + " (holder String) ENGINE = Memory"
+}
+
+// lockAgeSQL takes the database and the lock table's name.
+const lockAgeSQL = "SELECT toInt64(now() - metadata_modification_time) FROM system.tables WHERE database = ? AND name = ?"
+
+func recordMigrationSQL(database string) string {
+	return "INSERT INTO " + database + ".schema_migrations (name, applied_at)"
+}
+
+func appliedMigrationsSQL(database string) string {
+	return "SELECT DISTINCT name FROM " + database + ".schema_migrations"
 }

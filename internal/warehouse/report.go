@@ -59,35 +59,12 @@ func Report(ctx context.Context, conn driver.Conn, w io.Writer, opts ReportOptio
 }
 
 func queryReport(ctx context.Context, conn driver.Conn, opts ReportOptions) ([]reportLine, error) {
-	view, bucket, start := "report_daily", "day", "toDate(toDateTime(?))"
-	if opts.ByHour {
-		view, bucket, start = "report_hourly", "hour", "toStartOfHour(toDateTime(?))"
-	}
 	if opts.Database != "" {
 		if err := CheckDatabaseName(opts.Database); err != nil {
 			return nil, err
 		}
-		view = opts.Database + "." + view
 	}
-	var where []string
-	var args []any
-	// A bucket overlaps [From, To) when it starts at or after the start of
-	// From's bucket and before To.
-	if !opts.From.IsZero() {
-		where = append(where, bucket+" >= "+start)
-		args = append(args, opts.From.Unix())
-	}
-	if !opts.To.IsZero() {
-		where = append(where, "toDateTime("+bucket+") < toDateTime(?)")
-		args = append(args, opts.To.Unix())
-	}
-	query := "SELECT toString(" + bucket + "), offer_id, aff_id, clicks, conversions, pending, rejected, cr," +
-		" toString(revenue), toString(payout), toString(profit), epc, currency FROM " + view
-	if len(where) > 0 {
-		query += " WHERE " + strings.Join(where, " AND ")
-	}
-	query += " ORDER BY " + bucket + ", offer_id, aff_id"
-
+	view, query, args := reportQuery(opts)
 	rows, err := conn.Query(ctx, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("cannot query %s: %w", view, err)
@@ -101,6 +78,8 @@ func queryReport(ctx context.Context, conn driver.Conn, opts ReportOptions) ([]r
 			&revenue, &payout, &profit, &l.epc, &l.currency); err != nil {
 			return nil, fmt.Errorf("cannot read %s: %w", view, err)
 		}
+		// Servers before 21.x write a Decimal's trailing zeros ("2.5000"),
+		// later ones do not ("2.5"): ParseAmount reads both.
 		for _, m := range []struct {
 			dst  *schemas.Amount
 			text string
@@ -118,6 +97,36 @@ func queryReport(ctx context.Context, conn driver.Conn, opts ReportOptions) ([]r
 		return nil, fmt.Errorf("cannot read %s: %w", view, err)
 	}
 	return lines, nil
+}
+
+// reportQuery returns the view a report reads, and its query with the
+// query's arguments (Unix seconds).
+func reportQuery(opts ReportOptions) (view, query string, args []any) {
+	view, bucket, start := "report_daily", "day", "toDate(toDateTime(?))"
+	if opts.ByHour {
+		view, bucket, start = "report_hourly", "hour", "toStartOfHour(toDateTime(?))"
+	}
+	if opts.Database != "" {
+		view = opts.Database + "." + view
+	}
+	var where []string
+	// A bucket overlaps [From, To) when it starts at or after the start of
+	// From's bucket and before To.
+	if !opts.From.IsZero() {
+		where = append(where, bucket+" >= "+start)
+		args = append(args, opts.From.Unix())
+	}
+	if !opts.To.IsZero() {
+		where = append(where, "toDateTime("+bucket+") < toDateTime(?)")
+		args = append(args, opts.To.Unix())
+	}
+	query = "SELECT toString(" + bucket + "), offer_id, aff_id, clicks, conversions, pending, rejected, cr," +
+		" toString(revenue), toString(payout), toString(profit), epc, currency FROM " + view
+	if len(where) > 0 {
+		query += " WHERE " + strings.Join(where, " AND ")
+	}
+	query += " ORDER BY " + bucket + ", offer_id, aff_id"
+	return view, query, args
 }
 
 // renderReport lays out the lines as an aligned text table with a totals line.
