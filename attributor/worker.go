@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -361,23 +360,16 @@ func (w *worker) send(ctx context.Context, out []outRecord) error {
 // after ctx ends, whichever is first.
 func outlive(ctx context.Context, grace, limit time.Duration) (context.Context, context.CancelFunc) {
 	out, cancel := context.WithTimeout(context.WithoutCancel(ctx), limit)
-	var timer *time.Timer
-	var mu sync.Mutex
 	stop := context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if out.Err() == nil {
-			timer = time.AfterFunc(grace, cancel)
+		select {
+		case <-time.After(grace):
+			cancel()
+		case <-out.Done():
 		}
 	})
 	return out, func() {
 		stop()
 		cancel()
-		mu.Lock()
-		defer mu.Unlock()
-		if timer != nil {
-			timer.Stop()
-		}
 	}
 }
 
