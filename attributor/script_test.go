@@ -439,11 +439,18 @@ func (s *script) partitionCmd(cmd, name string, args map[string]string) {
 		s.close()
 		s.open()
 	case "rebuild":
+		// The worker counts the state to restore back from the postbacks'
+		// position (postbacksClock): the last postback read while they
+		// are behind, the clock once they are caught up.
+		clock := s.now
+		if last := s.p.lastPostbackTS; last != 0 && !s.p.postbacksCaughtUp {
+			clock = minTime(s.now, time.UnixMilli(last))
+		}
 		s.close()
 		s.fs = vfs.NewMem()
 		s.open()
 		w := s.p.begin()
-		since := s.now.Add(-keepFor(s.cat, s.p.grace))
+		since := restoreSince(s.cat, s.p.grace, clock)
 		for _, v := range s.emitted {
 			if err := s.p.restore(w, s.cat, v, since); err != nil {
 				s.fatalf("restore: %v", err)
@@ -517,6 +524,13 @@ func (s *script) print(c schemas.Conversion) {
 
 func maxTime(a, b time.Time) time.Time {
 	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
 		return b
 	}
 	return a

@@ -11,6 +11,8 @@ import (
 	"github.com/segmentio/kafka-go"
 
 	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/catalog"
+	"github.com/trackstar/trackstar/schemas"
 )
 
 // errStore marks errors of the state store: the member cannot go on
@@ -448,13 +450,25 @@ func (w *worker) rebuild(ctx context.Context) error {
 		return storeErr(err)
 	}
 	*p = *newPartition(a.db, w.id, a.cfg.Grace, a.m)
-	since := time.Now().Add(-keepFor(a.cfg.Catalog.Current(), a.cfg.Grace))
+	// The state to restore is what expire would have kept by now: counted
+	// back from the postbacks' position, not from the clock, so that a
+	// partition that moves while its postbacks are behind keeps the clicks
+	// and slots those postbacks still need, as it would have live.
+	now := time.Now()
+	clock := now
+	postbacksStart := w.groupPostbacks
+	if postbacksStart >= 0 {
+		var err error
+		if clock, err = w.postbacksClock(ctx, postbacksStart, now); err != nil {
+			return err
+		}
+	}
+	since := restoreSince(a.cfg.Catalog.Current(), a.cfg.Grace, clock)
 
 	clicksStart, err := w.offsetAt(ctx, bus.TopicClicks, since)
 	if err != nil {
 		return err
 	}
-	postbacksStart := w.groupPostbacks
 	if postbacksStart < 0 {
 		if postbacksStart, err = w.offsetAt(ctx, bus.TopicPostbacks, since); err != nil {
 			return err
@@ -475,6 +489,51 @@ func (w *worker) rebuild(ctx context.Context) error {
 	a.log.Info("partition state rebuilt", "partition", w.id, "window_start", since.UTC().Format(time.RFC3339),
 		"clicks_from", clicksStart, "postbacks_from", postbacksStart, "conversions_restored", n)
 	return nil
+}
+
+// restoreSince is where a rebuild's state begins: keepFor before clock,
+// the postbacks' time at the partition's position (postbacksClock).
+func restoreSince(cat *catalog.Catalog, grace time.Duration, clock time.Time) time.Time {
+	return clock.Add(-keepFor(cat, grace))
+}
+
+// postbacksClock returns the postbacks' time at offset next, the first
+// postback the partition has not processed, as expire reckons it live:
+// now when there is no postback left to read, else the time of the last
+// one processed (of the first to process, when none was), and never later
+// than now.
+func (w *worker) postbacksClock(ctx context.Context, next int64, now time.Time) (time.Time, error) {
+	end, err := w.lastOffset(ctx, bus.TopicPostbacks)
+	if err != nil || next >= end {
+		return now, err
+	}
+	first, err := w.listOffset(ctx, bus.TopicPostbacks, kafka.FirstOffsetOf(w.id))
+	if err != nil {
+		return now, err
+	}
+	at := max(next-1, first)
+	r := kafka.NewReader(kafka.ReaderConfig{
+		Brokers: w.a.cfg.Brokers, Topic: bus.TopicPostbacks, Partition: w.id,
+		MinBytes: 1, MaxBytes: 1 << 20, MaxWait: 500 * time.Millisecond, ReadLagInterval: -1,
+	})
+	defer r.Close()
+	if err := r.SetOffset(at); err != nil {
+		return now, fmt.Errorf("cannot seek %s/%d: %w", bus.TopicPostbacks, w.id, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	m, err := r.FetchMessage(rctx)
+	if err != nil {
+		return now, fmt.Errorf("cannot read %s/%d at %d: %w", bus.TopicPostbacks, w.id, at, err)
+	}
+	t := m.Time
+	if pb, err := schemas.DecodePostback(m.Value); err == nil && pb.TS > 0 {
+		t = time.UnixMilli(pb.TS)
+	}
+	if t.IsZero() || t.After(now) {
+		return now, nil
+	}
+	return t, nil
 }
 
 // restoreConversions reads the conversions of the partition since the

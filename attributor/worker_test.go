@@ -2,9 +2,16 @@ package attributor
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"testing"
 	"time"
+
+	"github.com/segmentio/kafka-go"
+
+	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/testenv"
+	"github.com/trackstar/trackstar/schemas"
 )
 
 // TestOutlive: the context a conversion write runs under ends at its limit
@@ -53,4 +60,47 @@ func TestOutlive(t *testing.T) {
 	out, cancel = outlive(context.Background(), time.Hour, time.Hour)
 	cancel()
 	wait(out, time.Second)
+}
+
+// TestPostbacksClock: a rebuild reckons the partition's time from the
+// postbacks as expire does live: the last postback processed while they
+// are behind (the first to process when none was), the clock once there
+// is nothing left to read, and never a time after the clock.
+func TestPostbacksClock(t *testing.T) {
+	addr := testenv.KafkaTopics(t, 1)
+	now := time.Now()
+	old := now.Add(-40 * 24 * time.Hour).Truncate(time.Millisecond)
+	var msgs []kafka.Message
+	for i, ts := range []time.Time{old, old.Add(time.Hour), old.Add(2 * time.Hour), now.Add(time.Hour)} {
+		pb := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(ts), ClickID: schemas.NewID(ts.Add(-time.Minute)),
+			TS: ts.UnixMilli(), AdvertiserID: 1, Status: "approved"}
+		b, err := json.Marshal(pb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs = append(msgs, kafka.Message{Key: []byte{byte(i)}, Value: b})
+	}
+	produce(t, addr, bus.TopicPostbacks, msgs)
+
+	w := &worker{a: &attributor{cfg: Config{Brokers: []string{addr}}, client: &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second}}}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, c := range []struct {
+		next int64
+		want time.Time
+	}{
+		{0, old},                    // nothing processed yet: the first to process
+		{1, old},                    // the last processed
+		{3, old.Add(2 * time.Hour)}, // the last processed
+		{4, now},                    // the last processed is from the future: the clock
+		{5, now},                    // nothing left to read: the clock
+	} {
+		got, err := w.postbacksClock(ctx, c.next, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !got.Equal(c.want) {
+			t.Errorf("postbacksClock(next %d) = %s, want %s", c.next, got, c.want)
+		}
+	}
 }
