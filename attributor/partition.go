@@ -42,6 +42,13 @@ type partition struct {
 	clicksCaughtUp    bool  // nothing left to read in the clicks partition
 	lastPostbackTS    int64 // time of the last postback read (Unix ms)
 	postbacksCaughtUp bool
+
+	// cut is the smallest click ID the partition keeps, as of the last
+	// expiry pass or rebuild ("" before either): an older click read late
+	// is not stored, since its slots are gone (or were never restored)
+	// and the next pass would drop it anyway. Stored, it would come back
+	// without them, and a status update would count as a new conversion.
+	cut string
 }
 
 type heldPostback struct {
@@ -217,6 +224,9 @@ func (p *partition) addClick(w *work, cat *catalog.Catalog, offset int64, value 
 	p.m.clicks.Inc()
 	c.ClickID = normalizeID(c.ClickID)
 	p.clicksWatermark = max(p.clicksWatermark, c.TS)
+	if c.ClickID < p.cut {
+		return nil
+	}
 	w.key = clickKey(w.key[:0], p.id, c.ClickID)
 	w.val = appendClickValue(w.val[:0], &c)
 	if err := w.b.Set(w.key, w.val, nil); err != nil {
@@ -524,7 +534,8 @@ func (p *partition) expire(cat *catalog.Catalog, now time.Time) error {
 	if clock == 0 {
 		return nil
 	}
-	cut := []byte(minIDAt(time.UnixMilli(clock).Add(-keepFor(cat, p.grace))))
+	p.cut = minIDAt(time.UnixMilli(clock).Add(-keepFor(cat, p.grace)))
+	cut := []byte(p.cut)
 	b := p.db.NewBatch()
 	defer b.Close()
 

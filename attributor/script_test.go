@@ -456,6 +456,7 @@ func (s *script) partitionCmd(cmd, name string, args map[string]string) {
 				s.fatalf("restore: %v", err)
 			}
 		}
+		s.p.cut = minIDAt(since)
 		for i, v := range s.clickLog {
 			if err := s.p.addClick(w, s.cat, int64(i), v); err != nil {
 				s.fatalf("rebuild: %v", err)

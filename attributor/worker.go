@@ -478,6 +478,7 @@ func (w *worker) rebuild(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	p.cut = minIDAt(since)
 	p.meta = meta{
 		ClicksNext: clicksStart, PostbacksNext: postbacksStart,
 		AttemptClicks: w.groupClicks, AttemptPostbacks: w.groupPostbacks,
