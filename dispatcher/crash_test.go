@@ -54,7 +54,7 @@ func TestDispatcherChildProcess(t *testing.T) {
 // childProcess is one dispatcher process on a shared data dir.
 type childProcess struct {
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *testenv.Buffer
 	done   chan struct{}
 }
 
@@ -63,7 +63,7 @@ func startChild(t *testing.T, broker, dataDir, configPath string) *childProcess 
 	cmd := exec.Command(os.Args[0], "-test.run=^TestDispatcherChildProcess$", "-test.count=1")
 	cmd.Env = append(os.Environ(), childEnv+"=1",
 		"TRACKSTAR_TEST_BROKER="+broker, "TRACKSTAR_TEST_DATA="+dataDir, "TRACKSTAR_TEST_CONFIG="+configPath)
-	c := &childProcess{cmd: cmd, stderr: &syncBuffer{}, done: make(chan struct{})}
+	c := &childProcess{cmd: cmd, stderr: &testenv.Buffer{}, done: make(chan struct{})}
 	cmd.Stderr = c.stderr
 	cmd.Stdout = c.stderr
 	if err := cmd.Start(); err != nil {

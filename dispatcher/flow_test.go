@@ -1,7 +1,6 @@
 package dispatcher_test
 
 import (
-	"bytes"
 	"io"
 	"log/slog"
 	"net/http"
@@ -18,24 +17,6 @@ import (
 	"github.com/trackstar/trackstar/schemas"
 )
 
-// syncBuffer is a log sink tests can search.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // A partner that keeps failing is paused by its circuit breaker: while
 // paused it gets one probe per cool-down instead of every retry; once it
 // answers again it resumes and everything is delivered. The pause shows
@@ -49,7 +30,7 @@ func TestCircuitBreakerPausesAndProbes(t *testing.T) {
 	})
 	addr := testenv.KafkaTopics(t, 1)
 	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	const convs, cooldown = 5, 300 * time.Millisecond
 	reg := startDispatcher(t, dispatcher.Config{
 		Brokers:         []string{addr},

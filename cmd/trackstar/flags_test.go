@@ -1,15 +1,15 @@
 package main
 
 import (
-	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/trackstar/trackstar/internal/testenv"
 )
 
 func TestFlagsReadEnvironment(t *testing.T) {
@@ -79,7 +79,7 @@ func TestStopWhileWaitingForKafka(t *testing.T) {
 	cmd := exec.Command(os.Args[0], "edge", "--config", "../../examples/trackstar.yaml", "--brokers", freeAddr(t),
 		"--listen", freeAddr(t), "--data", t.TempDir())
 	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
-	var logs syncBuffer
+	var logs testenv.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -95,22 +95,4 @@ func TestStopWhileWaitingForKafka(t *testing.T) {
 	if !strings.Contains(logs.String(), "stopped before start-up finished") {
 		t.Fatalf("no word of the stop in the log:\n%s", logs.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a subprocess's output and a reader.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
