@@ -41,14 +41,7 @@ func TestSQLTranscript(t *testing.T) {
 	addr, db := testenv.ClickHouseDB(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	if err := Migrate(ctx, addr, db); err != nil {
-		t.Fatal(err)
-	}
-	conn, err := Open(ctx, addr, db)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := migratedDB(t, addr, db)
 
 	var tr []transcriptEntry
 	exec := func(sql string) { tr = append(tr, transcriptEntry{SQL: sql}) }
@@ -81,18 +74,11 @@ func TestSQLTranscript(t *testing.T) {
 			Source: source, Sub1: "s'1\\x", IP: "203.0.113.1", UserAgent: "Mozilla/5.0", Referer: "https://ref.example/"}
 		return c.AppendJSON(nil)
 	}
-	amount := func(s string) schemas.Amount {
-		a, err := schemas.ParseAmount(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return a
-	}
 	conv := func(id string, version uint32, clickID string, ts, clickTS int64, offer, aff uint32, status, reason, sale, revenue, payout, cur string) []byte {
 		return schemas.EncodeConversion(schemas.Conversion{V: schemas.Version, ConversionID: id, Version: version,
 			PostbackEventID: id + "-e" + strconv.Itoa(int(version)), ClickID: clickID, TS: ts, ClickTS: clickTS,
 			OfferID: offer, AdvertiserID: 1, AffID: aff, Goal: "default", Status: status, RejectReason: reason,
-			TxnID: "t-" + id, SaleAmount: amount(sale), Revenue: amount(revenue), Payout: amount(payout), Currency: cur,
+			TxnID: "t-" + id, SaleAmount: mustAmount(sale), Revenue: mustAmount(revenue), Payout: mustAmount(payout), Currency: cur,
 			CTITSeconds: (ts - clickTS) / 1000})
 	}
 	records := map[string][][]byte{
