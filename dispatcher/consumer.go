@@ -86,6 +86,10 @@ func (t *offsetTracker) pending() int {
 // generation's committer waits for drained (the engine has written out
 // what was in flight), commits, and only then is the group left.
 func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
+	// A member that is losing its partitions finishes its requests in
+	// flight before it rejoins (see handOver); the coordinator waits up to
+	// the rebalance timeout for it.
+	rebalance := max(d.cfg.SessionTimeout, 2*d.cfg.Catalog.Current().Delivery.Timeout+10*time.Second)
 	cg, err := kafka.NewConsumerGroup(kafka.ConsumerGroupConfig{
 		ID:                d.cfg.Group,
 		Brokers:           d.cfg.Brokers,
@@ -93,7 +97,7 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 		StartOffset:       kafka.FirstOffset, // a new group must not skip conversions produced before it
 		HeartbeatInterval: max(d.cfg.SessionTimeout/10, 100*time.Millisecond),
 		SessionTimeout:    d.cfg.SessionTimeout,
-		RebalanceTimeout:  d.cfg.SessionTimeout,
+		RebalanceTimeout:  rebalance,
 		JoinGroupBackoff:  time.Second,
 		Timeout:           10 * time.Second,
 	})
@@ -120,21 +124,33 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 		d.joined.Store(true)
 		var parts []int
 		trackers := map[int]*offsetTracker{}
+		var readers sync.WaitGroup
 		for _, a := range gen.Assignments[bus.TopicConversions] {
 			parts = append(parts, a.ID)
 			tr := newOffsetTracker(a.Offset)
 			trackers[a.ID] = tr
-			gen.Start(func(gctx context.Context) { d.readPartition(ctx, gctx, a.ID, a.Offset, tr) })
+			readers.Add(1)
+			gen.Start(func(gctx context.Context) {
+				d.readPartition(ctx, gctx, a.ID, a.Offset, tr)
+				readers.Done()
+				// Only the committer ends a generation on shutdown, after
+				// the drain: a reader that returned now would end it
+				// before the final commit.
+				<-gctx.Done()
+			})
 		}
 		sort.Ints(parts)
 		d.log.Info("joined consumer group", "group", d.cfg.Group, "generation", gen.ID, "partitions", parts)
-		gen.Start(func(gctx context.Context) { d.commitLoop(ctx, gctx, gen, trackers, drained) })
+		gen.Start(func(gctx context.Context) {
+			d.commitLoop(ctx, gctx, gen, trackers, &readers, rebalance*3/4, drained)
+		})
 	}
 }
 
 // readPartition hands every conversion of one partition to the engine
 // until the generation or the dispatcher ends. It never waits for a
-// partner: the engine queues, or defers to the schedule.
+// partner: the engine queues, or defers to the schedule. Once it returns
+// it submits nothing more.
 func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, offset int64, tr *offsetTracker) {
 	ctx, cancel := context.WithCancel(gctx)
 	defer cancel()
@@ -173,15 +189,13 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 		tr.add(off)
 		d.engine.submit(m.Value, m.Partition, off, func() { tr.markDone(off) })
 	}
-	// Only the committer ends a generation on shutdown, after the drain:
-	// a reader that returned now would end it before the final commit.
-	<-gctx.Done()
 }
 
 // commitLoop commits the trackers' positions every CommitInterval, and a
-// last time when the generation ends or, on shutdown, once the engine has
-// drained.
-func (d *dispatcher) commitLoop(runCtx, gctx context.Context, gen *kafka.Generation, trackers map[int]*offsetTracker, drained <-chan struct{}) {
+// last time when the generation ends — after the hand-over of its
+// partitions — or, on shutdown, once the engine has drained.
+func (d *dispatcher) commitLoop(runCtx, gctx context.Context, gen *kafka.Generation, trackers map[int]*offsetTracker,
+	readers *sync.WaitGroup, handOverTimeout time.Duration, drained <-chan struct{}) {
 	committed := map[int]int64{}
 	for p, tr := range trackers {
 		committed[p] = tr.position()
@@ -212,6 +226,7 @@ func (d *dispatcher) commitLoop(runCtx, gctx context.Context, gen *kafka.Generat
 		case <-tick.C:
 			commit()
 		case <-gctx.Done():
+			d.handOver(runCtx, readers, handOverTimeout, drained)
 			commit()
 			return
 		case <-runCtx.Done():
@@ -222,5 +237,31 @@ func (d *dispatcher) commitLoop(runCtx, gctx context.Context, gen *kafka.Generat
 			commit()
 			return
 		}
+	}
+}
+
+// handOver runs when a generation ends while the dispatcher keeps running:
+// a rebalance, which may give this generation's partitions to another
+// dispatcher. That one reads from the last commit and has none of our
+// dedup markers, so whatever we still send from those partitions after the
+// commit it sends too. Once the readers have stopped, the engine drops the
+// conversions read from Kafka that are only queued (the next owner sends
+// them), and the requests in flight are waited for until they are recorded
+// and their offsets done, within timeout — the coordinator's rebalance
+// timeout, less a margin for the commit. Jobs from the schedule carry on.
+func (d *dispatcher) handOver(runCtx context.Context, readers *sync.WaitGroup, timeout time.Duration, drained <-chan struct{}) {
+	readers.Wait()
+	idle := d.engine.revoke()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-idle:
+	case <-runCtx.Done():
+		// Shutting down during the hand-over: the drain finishes what is
+		// in flight.
+		<-drained
+	case <-t.C:
+		d.log.Warn("requests in flight did not finish before the partitions moved; their postbacks may be sent again by the next owner",
+			"timeout", timeout)
 	}
 }

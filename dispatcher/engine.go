@@ -85,6 +85,9 @@ type engine struct {
 
 	mu       sync.Mutex
 	jobs     map[string]*job // every job in memory, by id
+	consumed int             // of those, jobs read from Kafka (schedKey nil)
+	idle     []chan struct{} // closed when consumed falls to 0
+	revoked  chan struct{}   // closed by revoke, then replaced
 	hosts    map[string]*hostQueue
 	queued   int  // jobs in host queues
 	waiting  bool // the schedule holds due jobs that did not fit under MaxQueued
@@ -108,6 +111,7 @@ func newEngine(cfg *Config, m *metrics, store *scheduleStore, fatal func(error))
 		tokens:    make(chan struct{}, cfg.Concurrency),
 		stopCh:    make(chan struct{}),
 		jobs:      map[string]*job{},
+		revoked:   make(chan struct{}),
 		hosts:     map[string]*hostQueue{},
 		fatalFunc: fatal,
 	}
@@ -219,7 +223,7 @@ func (e *engine) enqueue(j *job) bool {
 		e.mu.Unlock()
 		return false
 	}
-	e.jobs[j.id] = j
+	e.putLocked(j)
 	h := e.hostLocked(j.host)
 	if blocked, until := h.br.blocked(now); blocked {
 		e.mu.Unlock()
@@ -283,12 +287,85 @@ func (e *engine) send(r result) {
 	e.workers.Done()
 }
 
+// putLocked makes j the job in memory for its id.
+func (e *engine) putLocked(j *job) {
+	if e.jobs[j.id] == j {
+		return
+	}
+	e.jobs[j.id] = j
+	if j.schedKey == nil {
+		e.consumed++
+	}
+}
+
+// forgetLocked removes j from memory, if it is there.
+func (e *engine) forgetLocked(j *job) {
+	if e.jobs[j.id] != j {
+		return
+	}
+	delete(e.jobs, j.id)
+	if j.schedKey != nil {
+		return
+	}
+	e.consumed--
+	if e.consumed == 0 {
+		for _, ch := range e.idle {
+			close(ch)
+		}
+		e.idle = nil
+	}
+}
+
+// revoke is called when the consumer group takes this dispatcher's
+// partitions away (its readers have stopped): their next owner reads
+// again from the last commit. The jobs read from Kafka that wait in a host
+// queue, or for a request slot, are forgotten without their offsets, so
+// the new owner sends them and this dispatcher does not. Jobs from the
+// schedule stay: the schedule is this dispatcher's own. It returns a
+// channel closed once no job read from Kafka is in memory any more — the
+// requests in flight have been recorded, or abandoned — so that the
+// offsets committed before the partitions move cover them.
+func (e *engine) revoke() <-chan struct{} {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	close(e.revoked)
+	e.revoked = make(chan struct{})
+	dropped := 0
+	for _, h := range e.hosts {
+		kept := h.queue[:0]
+		for _, j := range h.queue {
+			if j.schedKey != nil {
+				kept = append(kept, j)
+				continue
+			}
+			e.forgetLocked(j)
+			dropped++
+		}
+		clear(h.queue[len(kept):])
+		h.queue = kept
+	}
+	e.queued -= dropped
+	e.metrics.queueDepth.Set(float64(e.queued))
+	if dropped > 0 {
+		e.log.Info("partitions revoked; leaving queued conversions to their next owner", "conversions", dropped)
+		if e.waiting {
+			e.waiting = false
+			e.wakeScheduler()
+		}
+	}
+	ch := make(chan struct{})
+	if e.consumed == 0 {
+		close(ch)
+	} else {
+		e.idle = append(e.idle, ch)
+	}
+	return ch
+}
+
 // release forgets j and marks its offsets done: it is durable elsewhere.
 func (e *engine) release(j *job) {
 	e.mu.Lock()
-	if e.jobs[j.id] == j {
-		delete(e.jobs, j.id)
-	}
+	e.forgetLocked(j)
 	acks := j.acks
 	j.acks = nil
 	e.mu.Unlock()
@@ -300,9 +377,7 @@ func (e *engine) release(j *job) {
 // abandon forgets j without marking its offsets: it will be read again.
 func (e *engine) abandon(j *job) {
 	e.mu.Lock()
-	if e.jobs[j.id] == j {
-		delete(e.jobs, j.id)
-	}
+	e.forgetLocked(j)
 	e.mu.Unlock()
 }
 
@@ -327,6 +402,7 @@ func (e *engine) work(h *hostQueue) {
 		j := h.queue[0]
 		h.queue[0] = nil
 		h.queue = h.queue[1:]
+		revoked := e.revoked
 		e.queued--
 		e.metrics.queueDepth.Set(float64(e.queued))
 		now := e.now()
@@ -353,9 +429,15 @@ func (e *engine) work(h *hostQueue) {
 			continue
 		}
 
+		if j.schedKey != nil {
+			revoked = nil // the schedule's jobs stay when partitions move
+		}
 		select {
 		case e.tokens <- struct{}{}:
 		case <-e.stopCh:
+			e.abandon(j)
+			continue
+		case <-revoked:
 			e.abandon(j)
 			continue
 		}

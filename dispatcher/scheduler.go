@@ -161,7 +161,7 @@ func (e *engine) drop(j *job) {
 		e.mu.Unlock()
 		return
 	}
-	e.jobs[j.id] = j
+	e.putLocked(j)
 	e.mu.Unlock()
 	e.send(result{kind: resDrop, job: j})
 }

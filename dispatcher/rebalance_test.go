@@ -1,0 +1,69 @@
+package dispatcher_test
+
+import (
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/trackstar/trackstar/dispatcher"
+	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/testenv"
+	"github.com/trackstar/trackstar/schemas"
+)
+
+// When a second dispatcher joins the group, the first hands over a
+// partition it was working through: what it had queued is left to the new
+// owner, what it had in flight is recorded and committed before the
+// partition moves. No conversion reaches the partner twice.
+func TestRebalanceHandsOverWithoutRepeats(t *testing.T) {
+	started := make(chan struct{})
+	var once sync.Once
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		once.Do(func() { close(started) })
+		time.Sleep(200 * time.Millisecond) // a slow partner: the queue stays long
+	})
+	addr := testenv.KafkaTopics(t, 2)
+	recs := collect(t, addr, bus.TopicDeliveries, 2)
+	cat := holder(t, true, "5s", "[1s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+
+	const n = 40
+	convs := make([]schemas.Conversion, n)
+	for i := range convs {
+		convs[i] = newConversion(7)
+	}
+	regA := startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat, HostConcurrency: 1})
+	produce(t, addr, convs...)
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the partner never got a postback")
+	}
+	regB := startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat, HostConcurrency: 1})
+
+	waitFor(t, "every conversion to be delivered", func() bool { return p.distinct() == n })
+	waitFor(t, "every delivered record", func() bool {
+		for _, c := range convs {
+			if !recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) {
+				return false
+			}
+		}
+		return true
+	})
+	waitFor(t, "both dispatchers to settle", func() bool { return settled(t, regA) && settled(t, regB) })
+	time.Sleep(500 * time.Millisecond) // a repeat would be on its way by now
+
+	repeats := 0
+	for _, c := range convs {
+		if k := len(p.requestsFor(c.ConversionID)); k != 1 {
+			t.Errorf("conversion %s reached the partner %d times", c.ConversionID, k)
+			repeats++
+		}
+	}
+	a := metric(t, regA, "trackstar_dispatcher_deliveries_total", "outcome", "delivered")
+	b := metric(t, regB, "trackstar_dispatcher_deliveries_total", "outcome", "delivered")
+	t.Logf("delivered: %v by the first dispatcher, %v by the one that joined; %d of %d repeated", a, b, repeats, n)
+	if b == 0 {
+		t.Fatalf("the dispatcher that joined delivered nothing: the test did not hand a partition over")
+	}
+}
