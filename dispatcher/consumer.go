@@ -187,7 +187,7 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 		}
 		off := m.Offset
 		tr.add(off)
-		d.engine.submit(m.Value, m.Partition, off, func() { tr.markDone(off) })
+		d.engine.submit(ctx, m, func() { tr.markDone(off) })
 	}
 }
 

@@ -1,6 +1,7 @@
 package dispatcher_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -19,6 +20,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/segmentio/kafka-go"
 
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
@@ -360,6 +363,58 @@ func TestDeadLetterAfterLastRetry(t *testing.T) {
 	}
 	if n := len(p.requests()); n != 3 {
 		t.Fatalf("partner got %d requests, want 3", n)
+	}
+}
+
+// A conversion record the dispatcher cannot decode (a schema version it
+// does not know, or not JSON at all) is written to trackstar.dlq with where
+// it came from and why, byte for byte, before its offset is committed; the
+// records after it are delivered as usual.
+func TestUndecodableConversionIsDeadLettered(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 1)
+	dlq := collect(t, addr, bus.TopicDLQ, 1)
+	reg := startDispatcher(t, dispatcher.Config{
+		Brokers: []string{addr},
+		Catalog: holder(t, true, "2s", "[50ms]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}")),
+	})
+	future := []byte(`{"v":2,"conversion_id":"x"}`)
+	binary := []byte{0xff, 0xfe, '{'}
+	w := bus.NewWriter(bus.WriterConfig{Brokers: []string{addr}, Topic: bus.TopicConversions})
+	defer w.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := w.WriteMessages(ctx,
+		kafka.Message{Key: []byte("k1"), Value: future},
+		kafka.Message{Key: []byte("k2"), Value: binary},
+	); err != nil {
+		t.Fatal(err)
+	}
+	c := newConversion(7)
+	produce(t, addr, c)
+	waitFor(t, "the conversion after them to be delivered", func() bool { return len(p.requestsFor(c.ConversionID)) == 1 })
+	waitFor(t, "two dead letters", func() bool { return len(dlq.messages()) == 2 })
+	waitFor(t, "all three offsets committed", func() bool { return committed(t, addr, 1) == 3 })
+
+	for i, m := range dlq.messages() {
+		var dl dispatcher.DeadLetter
+		if err := json.Unmarshal(m.Value, &dl); err != nil {
+			t.Fatal(err)
+		}
+		want := [][]byte{future, binary}[i]
+		got := []byte(dl.Value)
+		if dl.ValueBase64 != nil {
+			got = dl.ValueBase64
+		}
+		if string(m.Key) != fmt.Sprintf("k%d", i+1) || dl.Key != string(m.Key) || dl.Topic != bus.TopicConversions ||
+			dl.Partition != 0 || dl.Offset != int64(i) || !bytes.Equal(got, want) ||
+			!strings.HasPrefix(dl.Error, "cannot decode conversion event: ") || dl.TS == 0 {
+			t.Fatalf("dead letter %d (key %q) = %+v; want offset %d, value %q", i, m.Key, dl, i, want)
+		}
+		t.Logf("dead letter %d: %s", i, m.Value)
+	}
+	if got := metric(t, reg, "trackstar_dispatcher_conversions_total", "result", "invalid"); got != 2 {
+		t.Fatalf("conversions_total{result=invalid} = %v, want 2", got)
 	}
 }
 

@@ -155,15 +155,29 @@ func postbackFor(cat *catalog.Catalog, c *schemas.Conversion) *catalog.PartnerPo
 	return pb
 }
 
-// submit takes one consumed conversion. ack marks its offset done; it is
-// called at once when there is nothing to deliver, else once the delivery
-// is final or durably scheduled.
-func (e *engine) submit(raw []byte, partition int, offset int64, ack func()) {
+// submit takes one consumed conversion record. ack marks its offset done;
+// it is called at once when there is nothing to deliver, else once the
+// delivery is final or durably scheduled. A record that cannot be decoded
+// is written to trackstar.dlq first; when that cannot be done before ctx
+// (the reader's) ends, the record is left unacknowledged, to be read again.
+func (e *engine) submit(ctx context.Context, m kafka.Message, ack func()) {
+	raw, partition, offset := m.Value, m.Partition, m.Offset
 	conv, err := schemas.DecodeConversion(raw)
 	if err != nil {
 		e.metrics.conversions.WithLabelValues("invalid").Inc()
-		e.log.Error("skipping a conversion that cannot be decoded", "err", err)
-		ack()
+		e.log.Error("dead-lettering a conversion record that cannot be decoded", "partition", partition, "offset", offset, "err", err)
+		dl := DeadLetter{
+			Topic: bus.TopicConversions, Partition: partition, Offset: offset, Key: string(m.Key),
+			Error: err.Error(), TS: e.now().UnixMilli(),
+		}
+		dl.SetValue(raw)
+		v, err := json.Marshal(&dl)
+		if err != nil {
+			panic("BUG: cannot encode dead letter: " + err.Error())
+		}
+		if e.write(ctx, e.dlq, bus.TopicDLQ, []kafka.Message{{Key: m.Key, Value: v, Time: time.Now()}}) == nil {
+			ack()
+		}
 		return
 	}
 	pb := postbackFor(e.cfg.Catalog.Current(), &conv)
@@ -512,10 +526,11 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 			j := r.job
 			dl := DeadLetter{
 				Topic: bus.TopicConversions, Partition: j.partition, Offset: j.offset, Key: j.conv.ClickID,
-				Value: string(j.raw), Error: r.rec.Error,
+				Error: r.rec.Error,
 				ConversionID: r.rec.ConversionID, AffID: r.rec.AffID, Attempts: r.rec.Attempt,
 				Method: r.rec.Method, URL: r.rec.URL, StatusCode: r.rec.StatusCode, TS: now.UnixMilli(),
 			}
+			dl.SetValue(j.raw)
 			v, err := json.Marshal(&dl)
 			if err != nil {
 				panic("BUG: cannot encode dead letter: " + err.Error())

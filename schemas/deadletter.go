@@ -1,5 +1,7 @@
 package schemas
 
+import "unicode/utf8"
+
 // DeadLetter is the JSON value of a record on trackstar.dlq: which record
 // could not be handled, where it came from, and why. The warehouse loader
 // writes it for a record it cannot decode; the dispatcher for a conversion
@@ -24,4 +26,15 @@ type DeadLetter struct {
 	URL          string `json:"url,omitempty"`
 	StatusCode   uint16 `json:"status_code,omitempty"` // of the last attempt; 0 when no response came
 	TS           int64  `json:"ts,omitempty"`          // Unix milliseconds it was dead-lettered
+}
+
+// SetValue stores the original record's value: in Value when it is valid
+// UTF-8, else in ValueBase64, so that the dead letter is valid JSON that
+// gives back the exact bytes.
+func (d *DeadLetter) SetValue(v []byte) {
+	if utf8.Valid(v) {
+		d.Value, d.ValueBase64 = string(v), nil
+	} else {
+		d.Value, d.ValueBase64 = "", v
+	}
 }

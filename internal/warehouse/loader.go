@@ -12,7 +12,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/prometheus/client_golang/prometheus"
@@ -243,11 +242,7 @@ type DeadLetter = schemas.DeadLetter
 
 func deadLetterMessage(m kafka.Message, reason error) kafka.Message {
 	dl := DeadLetter{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: string(m.Key), Error: reason.Error()}
-	if utf8.Valid(m.Value) {
-		dl.Value = string(m.Value)
-	} else {
-		dl.ValueBase64 = m.Value
-	}
+	dl.SetValue(m.Value)
 	v, err := json.Marshal(&dl)
 	if err != nil {
 		panic("BUG: cannot encode a dead letter: " + err.Error())
