@@ -122,7 +122,8 @@ func Run(ctx context.Context, cfg Config) error {
 	return d.fatalErr
 }
 
-// dropOldMarkers deletes stale dedup markers every quarter window.
+// dropOldMarkers deletes stale dedup markers and version notes every
+// quarter window.
 func (d *dispatcher) dropOldMarkers(ctx context.Context) {
 	t := time.NewTicker(max(d.cfg.DedupWindow/4, time.Second))
 	defer t.Stop()
@@ -133,6 +134,9 @@ func (d *dispatcher) dropOldMarkers(ctx context.Context) {
 		case <-t.C:
 			if err := d.engine.store.dropOldMarkers(d.cfg.Now(), d.cfg.DedupWindow); err != nil {
 				d.log.Warn("cannot drop old dedup markers", "err", err)
+			}
+			if err := d.engine.store.dropOldVersions(d.cfg.Now()); err != nil {
+				d.log.Warn("cannot drop old version notes", "err", err)
 			}
 		}
 	}

@@ -208,6 +208,12 @@ func (e *engine) submit(ctx context.Context, m kafka.Message, ack func()) {
 		ack()
 		return
 	}
+	// Before it is queued: an older status of the conversion still
+	// waiting for a retry must not be sent after this one.
+	if err := e.store.noteVersion(conv.ConversionID, conv.Version, e.now()); err != nil {
+		e.fatal(err)
+		return
+	}
 	e.metrics.conversions.WithLabelValues("queued").Inc()
 	e.enqueue(&job{
 		id:        id,

@@ -200,7 +200,13 @@ func TestFiltersUpdatesAndReplays(t *testing.T) {
 	sale8approved.Version, sale8approved.Status = 2, schemas.StatusApproved
 	default8 := newConversion(8)
 	none9 := newConversion(9)
-	produce(t, addr, pending7, rejected7, approved7, approved7, sale8, default8, none9, sale8approved)
+	produce(t, addr, pending7, rejected7, approved7, approved7, sale8, default8, none9)
+	waitFor(t, "two deliveries", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_deliveries_total", "outcome", "delivered") == 2
+	})
+	// The update once the first status is through (produced together, the
+	// older one would be superseded: TestNewerVersionSupersedesOlderRetry).
+	produce(t, addr, sale8approved)
 
 	waitFor(t, "three deliveries", func() bool {
 		return metric(t, reg, "trackstar_dispatcher_deliveries_total", "outcome", "delivered") == 3
@@ -244,4 +250,65 @@ func TestFiltersUpdatesAndReplays(t *testing.T) {
 	f("queued", 3)
 	f("duplicate", 1)
 	f("not_wanted", 4)
+}
+
+// A status update overtakes an older status still waiting for a retry: the
+// partner gets pending, then approved, and never pending again after
+// approved; the older one's retry ends as failed, superseded. Read
+// together, the older one is not sent after the newer either.
+func TestNewerVersionSupersedesOlderRetry(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if strings.Contains(r.URL.RawQuery, "st=pending") {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "2s", "[700ms, 700ms]",
+		affiliate(8, p.srv.URL+"/b?tx={conversion_id}&st={status}", "statuses: [pending, approved]"))
+	reg := startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+
+	pending := newConversion(8)
+	pending.Status = schemas.StatusPending
+	approved := pending
+	approved.Version, approved.Status = 2, schemas.StatusApproved
+	produce(t, addr, pending)
+	waitFor(t, "the first attempt of the pending status", func() bool { return recs.hasOutcome(t, pending.ConversionID, schemas.OutcomeRetrying) })
+	produce(t, addr, approved)
+	waitFor(t, "the approved status to be delivered", func() bool { return recs.hasOutcome(t, pending.ConversionID, schemas.OutcomeDelivered) })
+	waitFor(t, "the pending status's retry to end", func() bool { return recs.hasOutcome(t, pending.ConversionID, schemas.OutcomeFailed) })
+	waitFor(t, "the dispatcher to settle", func() bool { return settled(t, reg) })
+	time.Sleep(time.Second) // a second retry would be due by now
+
+	statuses := func(id string) string {
+		var sent []string
+		for _, r := range p.requestsFor(id) {
+			sent = append(sent, r.uri[strings.LastIndex(r.uri, "st=")+3:])
+		}
+		return strings.Join(sent, ",")
+	}
+	if got := statuses(pending.ConversionID); got != "pending,approved" {
+		t.Fatalf("the partner got the statuses %s, want pending,approved", got)
+	}
+
+	// Both statuses read together: only the newer one is sent.
+	pending2 := newConversion(8)
+	pending2.Status = schemas.StatusPending
+	approved2 := pending2
+	approved2.Version, approved2.Status = 2, schemas.StatusApproved
+	produce(t, addr, pending2, approved2)
+	waitFor(t, "the second conversion's approved status", func() bool { return recs.hasOutcome(t, pending2.ConversionID, schemas.OutcomeDelivered) })
+	waitFor(t, "its pending status to end", func() bool { return recs.hasOutcome(t, pending2.ConversionID, schemas.OutcomeFailed) })
+	waitFor(t, "the dispatcher to settle again", func() bool { return settled(t, reg) })
+	// The pending one is sent only if a worker took it before the update
+	// was read.
+	if got := statuses(pending2.ConversionID); got != "approved" && got != "pending,approved" {
+		t.Fatalf("read together, the partner got the statuses %s, want approved (or pending,approved)", got)
+	}
+	for _, d := range recs.deliveries(t, pending.ConversionID) {
+		t.Logf("record: version %d attempt %d %s %q", d.Version, d.Attempt, d.Outcome, d.Error)
+		if d.Outcome == schemas.OutcomeFailed && (d.Version != 1 || d.StatusCode != 0 || !strings.Contains(d.Error, "superseded by version 2")) {
+			t.Fatalf("the ending record of the pending status = %+v", d)
+		}
+	}
 }

@@ -12,21 +12,30 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 )
 
-// The schedule lives in Pebble under DataDir/dispatcher. Two key spaces:
+// The schedule lives in Pebble under DataDir/dispatcher. Three key spaces:
 //
 //	's' host 0x00 due(8 bytes, big-endian Unix nanoseconds) jobID -> scheduledJob (JSON)
 //	'm' bucket(4 bytes, big-endian) jobID                         -> empty
+//	'v' day(4 bytes, big-endian) conversionID                     -> version (4 bytes, big-endian)
 //
 // Schedule entries are grouped by host, then ordered by due time, so the
 // scheduler skips a paused or busy host with one seek and takes a host's
 // due entries in order. Markers ('m') remember which conversions this
 // dispatcher has already handled (scheduled or finished), in time buckets
 // of DedupWindow, so a replayed Kafka record is recognised and old markers
-// are dropped a bucket at a time with one range deletion.
+// are dropped a bucket at a time with one range deletion. Version notes
+// ('v') remember, for versionDays days, the newest status update of a
+// conversion that was handed to a partner's queue, so that an older status
+// still waiting for its retry is not sent after it.
 const (
 	prefixSchedule = 's'
 	prefixMarker   = 'm'
+	prefixVersion  = 'v'
 )
+
+// versionDays is how many days a version note is kept: an older status
+// whose retry comes later than that (a partner paused for a week) is sent.
+const versionDays = 8
 
 // scheduledJob is the value of a schedule entry: everything needed to make
 // the next attempt, whatever the config says by then.
@@ -124,6 +133,72 @@ func (s *scheduleStore) dropOldMarkers(now time.Time, window time.Duration) erro
 	end := binary.BigEndian.AppendUint32([]byte{prefixMarker}, b-1)
 	if err := s.db.DeleteRange(start, end, pebble.NoSync); err != nil {
 		return fmt.Errorf("cannot drop old markers: %w", err)
+	}
+	return nil
+}
+
+func versionKey(day uint32, conversionID string) []byte {
+	k := make([]byte, 0, 5+len(conversionID))
+	k = append(k, prefixVersion)
+	k = binary.BigEndian.AppendUint32(k, day)
+	return append(k, conversionID...)
+}
+
+func dayOf(t time.Time) uint32 { return uint32(max(t.Unix(), 0) / 86400) }
+
+// latestVersion returns the newest version noted for conversionID in the
+// last versionDays days, 0 when none.
+func (s *scheduleStore) latestVersion(conversionID string, now time.Time) (uint32, error) {
+	var latest uint32
+	today := dayOf(now)
+	for d := range uint32(versionDays) {
+		if d > today {
+			break
+		}
+		v, closer, err := s.db.Get(versionKey(today-d, conversionID))
+		if errors.Is(err, pebble.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("cannot read version note of %s: %w", conversionID, err)
+		}
+		if len(v) == 4 {
+			latest = max(latest, binary.BigEndian.Uint32(v))
+		}
+		closer.Close()
+	}
+	return latest, nil
+}
+
+// noteVersion records that version of conversionID is on its way to the
+// partner. Only updates (version 2 and later) are noted: nothing is older
+// than a version 1. Not synced: a note lost with the machine's power is
+// lost with the not-yet-committed offset that wrote it, and written again
+// on the replay.
+func (s *scheduleStore) noteVersion(conversionID string, version uint32, now time.Time) error {
+	if version < 2 {
+		return nil
+	}
+	latest, err := s.latestVersion(conversionID, now)
+	if err != nil || latest >= version {
+		return err
+	}
+	if err := s.db.Set(versionKey(dayOf(now), conversionID), binary.BigEndian.AppendUint32(nil, version), pebble.NoSync); err != nil {
+		return fmt.Errorf("cannot write version note of %s: %w", conversionID, err)
+	}
+	return nil
+}
+
+// dropOldVersions deletes the version notes older than versionDays days.
+func (s *scheduleStore) dropOldVersions(now time.Time) error {
+	today := dayOf(now)
+	if today < versionDays {
+		return nil
+	}
+	start := []byte{prefixVersion}
+	end := binary.BigEndian.AppendUint32([]byte{prefixVersion}, today-(versionDays-1))
+	if err := s.db.DeleteRange(start, end, pebble.NoSync); err != nil {
+		return fmt.Errorf("cannot drop old version notes: %w", err)
 	}
 	return nil
 }

@@ -51,6 +51,20 @@ func (e *engine) attempt(j *job) (result, verdict) {
 		V: schemas.Version, ConversionID: c.ConversionID, Version: c.Version, Status: c.Status,
 		AffID: c.AffID, Attempt: j.attempt, TS: start.UnixMilli(), Method: pb.Method,
 	}
+	latest, err := e.store.latestVersion(c.ConversionID, start)
+	if err != nil {
+		e.fatal(err) // the store is broken: stop; this attempt is still made and recorded
+	}
+	if latest > c.Version {
+		// A newer status went to the partner's queue meanwhile: this one is
+		// stale, and must not arrive after it.
+		rec.Outcome = schemas.OutcomeFailed
+		rec.Error = fmt.Sprintf("not sent: superseded by version %d of the conversion", latest)
+		e.metrics.conversions.WithLabelValues("superseded").Inc()
+		e.log.Info("not sending a status superseded by a newer one", "conversion_id", c.ConversionID, "aff_id", c.AffID,
+			"version", c.Version, "newer_version", latest)
+		return result{kind: resAttempt, job: j, rec: rec}, verdictNone
+	}
 
 	req := fasthttp.AcquireRequest()
 	resp := fasthttp.AcquireResponse()
@@ -74,7 +88,7 @@ func (e *engine) attempt(j *job) (result, verdict) {
 
 	timeout := cat.Delivery.Timeout
 	t0 := time.Now()
-	err := e.client.DoTimeout(req, resp, timeout)
+	err = e.client.DoTimeout(req, resp, timeout)
 	var body []byte
 	if err == nil {
 		body = readBodyPrefix(resp, bodyCap)

@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"errors"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -202,4 +203,52 @@ func TestDialGuard(t *testing.T) {
 	f(false, "0.0.0.0:9", true)
 	f(true, "localhost:9", false)
 	f(true, "127.0.0.1:9", false)
+}
+
+func TestVersionNotes(t *testing.T) {
+	s, err := openScheduleStore(t.TempDir(), slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	day := func(n int) time.Time { return time.Unix(int64(20000+n)*86400+3600, 0) }
+	latest := func(at time.Time) uint32 {
+		t.Helper()
+		v, err := s.latestVersion("c1", at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	note := func(v uint32, at time.Time) {
+		t.Helper()
+		if err := s.noteVersion("c1", v, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	note(1, day(0)) // version 1 is never noted
+	if got := latest(day(0)); got != 0 {
+		t.Fatalf("latest after noting version 1 = %d, want 0", got)
+	}
+	note(3, day(0))
+	note(2, day(1)) // older than the note: not written
+	if got := latest(day(1)); got != 3 {
+		t.Fatalf("latest = %d, want 3", got)
+	}
+	if got := latest(day(7)); got != 3 {
+		t.Fatalf("latest seven days on = %d, want 3", got)
+	}
+	if got := latest(day(8)); got != 0 {
+		t.Fatalf("latest eight days on = %d, want 0", got)
+	}
+	note(4, day(2))
+	if err := s.dropOldVersions(day(8)); err != nil {
+		t.Fatal(err)
+	}
+	if got := latest(day(2)); got != 4 {
+		t.Fatalf("after dropping notes older than day 1: latest = %d, want 4 (noted on day 2)", got)
+	}
+	if got := latest(day(0)); got != 0 {
+		t.Fatalf("after dropping notes older than day 1: latest on day 0 = %d, want 0", got)
+	}
 }
