@@ -15,6 +15,8 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -25,6 +27,7 @@ import (
 
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/catalog"
 	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -502,5 +505,49 @@ func TestHTTPSPartnerByName(t *testing.T) {
 	waitFor(t, "a final record", func() bool { return len(recs.deliveries(t, c.ConversionID)) > 0 })
 	if ds := recs.deliveries(t, c.ConversionID); ds[0].Outcome != schemas.OutcomeDelivered || got.Load() != 1 {
 		t.Fatalf("records %+v, partner requests %d; want delivered once", ds, got.Load())
+	}
+}
+
+// Turning allow_private_partner_urls off by a reload stops postbacks to a
+// private address at once, even over a connection kept alive from before.
+func TestPrivateURLsOffClosesTheWay(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	u, _ := url.Parse(p.srv.URL)
+	port := u.Port()
+	path := filepath.Join(t.TempDir(), "trackstar.yaml")
+	write := func(allow bool) {
+		cfg := fmt.Sprintf("allow_private_partner_urls: %v\ndelivery:\n  timeout: 2s\n  retries: [50ms]\naffiliates:\n%s",
+			allow, affiliate(7, "http://partner.invalid:"+port+"/pb?tx={conversion_id}"))
+		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(true)
+	cat, err := catalog.NewHolder(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat,
+		LookupNetIP: func(ctx context.Context, host string) ([]netip.Addr, error) {
+			return []netip.Addr{netip.MustParseAddr("127.0.0.1")}, nil
+		}})
+	c1 := newConversion(7)
+	produce(t, addr, c1)
+	waitFor(t, "the first conversion to be delivered", func() bool { return recs.hasOutcome(t, c1.ConversionID, schemas.OutcomeDelivered) })
+
+	write(false)
+	if err := cat.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	c2 := newConversion(7)
+	produce(t, addr, c2)
+	waitFor(t, "the second conversion's final record", func() bool { return recs.hasOutcome(t, c2.ConversionID, schemas.OutcomeFailed) })
+	if n := len(p.requestsFor(c2.ConversionID)); n != 0 {
+		t.Fatalf("after private partner URLs were turned off the partner on loopback still got %d requests", n)
+	}
+	if d := recs.deliveries(t, c2.ConversionID); !strings.Contains(d[0].Error, "refused") {
+		t.Fatalf("record = %+v, want a refusal", d[0])
 	}
 }

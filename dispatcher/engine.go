@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"net"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -72,7 +73,11 @@ type engine struct {
 	log     *slog.Logger
 	metrics *metrics
 	store   *scheduleStore
-	client  *fasthttp.Client
+	// clients[1] may dial private addresses, clients[0] may not; each
+	// attempt takes the one the config allows now. Two pools, so that a
+	// connection kept alive to a private address is never reused once a
+	// reload has turned allow_private_partner_urls off.
+	clients [2]*fasthttp.Client
 
 	deliveries *kafka.Writer
 	dlq        *kafka.Writer
@@ -115,18 +120,20 @@ func newEngine(cfg *Config, m *metrics, store *scheduleStore, fatal func(error))
 		hosts:     map[string]*hostQueue{},
 		fatalFunc: fatal,
 	}
-	e.client = &fasthttp.Client{
-		Name:        "trackstar-dispatcher",
-		DialTimeout: e.dial,
-		TLSConfig:   cfg.TLSConfig,
-		// Workers already cap requests per host at HostConcurrency; the
-		// slack covers connections still closing.
-		MaxConnsPerHost:        cfg.HostConcurrency + 8,
-		MaxConnWaitTimeout:     time.Second,
-		ReadBufferSize:         16 << 10,
-		DisablePathNormalizing: true, // the request URI is what was signed
-		StreamResponseBody:     true, // read at most bodyCap of any response
-		RetryIfErr:             retryStaleConn,
+	for i, allowPrivate := range []bool{false, true} {
+		e.clients[i] = &fasthttp.Client{
+			Name:        "trackstar-dispatcher",
+			DialTimeout: func(addr string, timeout time.Duration) (net.Conn, error) { return e.dial(addr, timeout, allowPrivate) },
+			TLSConfig:   cfg.TLSConfig,
+			// Workers already cap requests per host at HostConcurrency; the
+			// slack covers connections still closing.
+			MaxConnsPerHost:        cfg.HostConcurrency + 8,
+			MaxConnWaitTimeout:     time.Second,
+			ReadBufferSize:         16 << 10,
+			DisablePathNormalizing: true, // the request URI is what was signed
+			StreamResponseBody:     true, // read at most bodyCap of any response
+			RetryIfErr:             retryStaleConn,
+		}
 	}
 	n, err := store.countScheduled()
 	if err != nil {

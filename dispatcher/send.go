@@ -88,7 +88,11 @@ func (e *engine) attempt(j *job) (result, verdict) {
 
 	timeout := cat.Delivery.Timeout
 	t0 := time.Now()
-	err = e.client.DoTimeout(req, resp, timeout)
+	client := e.clients[0]
+	if cat.AllowPrivatePartnerURLs {
+		client = e.clients[1]
+	}
+	err = client.DoTimeout(req, resp, timeout)
 	var body []byte
 	if err == nil {
 		body = readBodyPrefix(resp, bodyCap)
@@ -285,7 +289,10 @@ func (e *refusedError) Error() string {
 // host itself, keeps only the addresses a postback may go to, and connects
 // to one of exactly those, so a DNS answer that changes between the check
 // and the connection (DNS rebinding) cannot slip a private address in.
-func (e *engine) dial(addr string, timeout time.Duration) (net.Conn, error) {
+// allowPrivate is fixed per client (see engine.clients), not read from the
+// config, so that no pooled connection outlives the setting it was made
+// under.
+func (e *engine) dial(addr string, timeout time.Duration, allowPrivate bool) (net.Conn, error) {
 	host, portStr, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("cannot parse partner address %q: %w", addr, err)
@@ -294,9 +301,8 @@ func (e *engine) dial(addr string, timeout time.Duration) (net.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cannot parse port of partner address %q: %w", addr, err)
 	}
-	cat := e.cfg.Catalog.Current()
 	if timeout <= 0 {
-		timeout = cat.Delivery.Timeout
+		timeout = e.cfg.Catalog.Current().Delivery.Timeout
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -309,7 +315,7 @@ func (e *engine) dial(addr string, timeout time.Duration) (net.Conn, error) {
 	}
 	var allowed []netip.Addr
 	for _, a := range addrs {
-		if cat.AllowPrivatePartnerURLs || catalog.IsPublicAddr(a) {
+		if allowPrivate || catalog.IsPublicAddr(a) {
 			allowed = append(allowed, a.Unmap())
 		}
 	}

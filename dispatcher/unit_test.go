@@ -4,8 +4,6 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -158,29 +156,14 @@ func TestSign(t *testing.T) {
 // The send-time guard, with the system resolver: names and literals that
 // land on non-public addresses are refused unless the config allows them.
 func TestDialGuard(t *testing.T) {
-	load := func(allowPrivate bool) *catalog.Holder {
-		path := filepath.Join(t.TempDir(), "c.yaml")
-		yaml := "allow_private_partner_urls: false\n"
-		if allowPrivate {
-			yaml = "allow_private_partner_urls: true\n"
-		}
-		if err := os.WriteFile(path, []byte(yaml), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		h, err := catalog.NewHolder(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return h
-	}
 	f := func(allowPrivate bool, addr string, wantRefused bool) {
 		t.Helper()
-		cfg := Config{Brokers: []string{"x"}, DataDir: "x", Catalog: load(allowPrivate)}
+		cfg := Config{Brokers: []string{"x"}, DataDir: "x", Catalog: &catalog.Holder{}}
 		if err := cfg.setDefaults(); err != nil {
 			t.Fatal(err)
 		}
 		e := &engine{cfg: &cfg}
-		conn, err := e.dial(addr, 2*time.Second)
+		conn, err := e.dial(addr, 2*time.Second, allowPrivate)
 		if conn != nil {
 			conn.Close()
 		}
