@@ -53,9 +53,15 @@ func (b *breaker) allow(now, probeEnd time.Time) (ok, probe bool, until time.Tim
 }
 
 // record takes the result of a request: failed is true for a retryable
-// failure. It returns the state before and after.
-func (b *breaker) record(failed bool, now time.Time, threshold int, cooldown time.Duration) (from, to int) {
+// failure, probe for the request allow let through as the probe. It
+// returns the state before and after. While a probe is deciding, the
+// results of requests sent before the pause (a slow one can outlast the
+// cool-down) are not the probe's and change nothing.
+func (b *breaker) record(failed, probe bool, now time.Time, threshold int, cooldown time.Duration) (from, to int) {
 	from = b.state
+	if b.state == breakerHalfOpen && !probe {
+		return from, from
+	}
 	if !failed {
 		b.failures = 0
 		b.state = breakerClosed

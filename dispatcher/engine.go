@@ -475,7 +475,7 @@ func (e *engine) work(h *hostQueue) {
 
 		if verdict != verdictNone {
 			e.mu.Lock()
-			from, to := h.br.record(verdict == verdictRetryable, e.now(), e.cfg.BreakerFailures, e.cfg.BreakerCooldown)
+			from, to := h.br.record(verdict == verdictRetryable, probe, e.now(), e.cfg.BreakerFailures, e.cfg.BreakerCooldown)
 			e.mu.Unlock()
 			if from != to {
 				e.breakerChanged(h.name, from, to)

@@ -60,18 +60,18 @@ func TestBreaker(t *testing.T) {
 	at := func(d time.Duration) time.Time { return t0.Add(d) }
 
 	for i := 0; i < threshold-1; i++ {
-		if from, to := b.record(true, at(0), threshold, cooldown); from != breakerClosed || to != breakerClosed {
+		if from, to := b.record(true, false, at(0), threshold, cooldown); from != breakerClosed || to != breakerClosed {
 			t.Fatalf("failure %d moved the breaker %d -> %d", i+1, from, to)
 		}
 	}
-	b.record(false, at(0), threshold, cooldown) // a success resets the count
+	b.record(false, false, at(0), threshold, cooldown) // a success resets the count
 	for i := 0; i < threshold-1; i++ {
-		b.record(true, at(0), threshold, cooldown)
+		b.record(true, false, at(0), threshold, cooldown)
 	}
 	if blocked, _ := b.blocked(at(0)); blocked {
 		t.Fatalf("paused after %d failures in a row, want %d", threshold-1, threshold)
 	}
-	if from, to := b.record(true, at(time.Second), threshold, cooldown); from != breakerClosed || to != breakerOpen {
+	if from, to := b.record(true, false, at(time.Second), threshold, cooldown); from != breakerClosed || to != breakerOpen {
 		t.Fatalf("failure %d: %d -> %d, want closed -> open", threshold, from, to)
 	}
 	if blocked, until := b.blocked(at(5 * time.Second)); !blocked || !until.Equal(at(11*time.Second)) {
@@ -88,8 +88,12 @@ func TestBreaker(t *testing.T) {
 	if ok, _, until := b.allow(at(12*time.Second), at(16*time.Second)); ok || !until.Equal(at(14*time.Second)) {
 		t.Fatalf("a second request allowed while probing (until %v)", until)
 	}
+	// A request sent before the pause, answering now, does not decide.
+	if from, to := b.record(false, false, at(13*time.Second), threshold, cooldown); from != breakerHalfOpen || to != breakerHalfOpen {
+		t.Fatalf("a late answer to a request sent before the pause moved the probing breaker to %d", to)
+	}
 	// A failed probe pauses again.
-	if from, to := b.record(true, at(13*time.Second), threshold, cooldown); from != breakerHalfOpen || to != breakerOpen {
+	if from, to := b.record(true, true, at(13*time.Second), threshold, cooldown); from != breakerHalfOpen || to != breakerOpen {
 		t.Fatalf("failed probe: %d -> %d, want half-open -> open", from, to)
 	}
 	if blocked, until := b.blocked(at(20 * time.Second)); !blocked || !until.Equal(at(23*time.Second)) {
@@ -101,7 +105,7 @@ func TestBreaker(t *testing.T) {
 		t.Fatalf("a lost probe was not replaced")
 	}
 	// A successful probe closes it.
-	if from, to := b.record(false, at(28*time.Second), threshold, cooldown); from != breakerHalfOpen || to != breakerClosed {
+	if from, to := b.record(false, true, at(28*time.Second), threshold, cooldown); from != breakerHalfOpen || to != breakerClosed {
 		t.Fatalf("successful probe: %d -> %d, want half-open -> closed", from, to)
 	}
 	if ok, probe, _ := b.allow(at(28*time.Second), at(30*time.Second)); !ok || probe {
