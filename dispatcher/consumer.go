@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"context"
+	"errors"
 	"sort"
 	"sync"
 	"time"
@@ -90,12 +91,13 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 	// flight before it rejoins (see handOver); the coordinator waits up to
 	// the rebalance timeout for it.
 	rebalance := max(d.cfg.SessionTimeout, 2*d.cfg.Catalog.Current().Delivery.Timeout+10*time.Second)
+	heartbeat := max(d.cfg.SessionTimeout/10, 100*time.Millisecond)
 	cg, err := kafka.NewConsumerGroup(kafka.ConsumerGroupConfig{
 		ID:                d.cfg.Group,
 		Brokers:           d.cfg.Brokers,
 		Topics:            []string{bus.TopicConversions},
 		StartOffset:       kafka.FirstOffset, // a new group must not skip conversions produced before it
-		HeartbeatInterval: max(d.cfg.SessionTimeout/10, 100*time.Millisecond),
+		HeartbeatInterval: heartbeat,
 		SessionTimeout:    d.cfg.SessionTimeout,
 		RebalanceTimeout:  rebalance,
 		JoinGroupBackoff:  time.Second,
@@ -142,7 +144,7 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 		sort.Ints(parts)
 		d.log.Info("joined consumer group", "group", d.cfg.Group, "generation", gen.ID, "partitions", parts)
 		gen.Start(func(gctx context.Context) {
-			d.commitLoop(ctx, gctx, gen, trackers, &readers, rebalance*3/4, drained)
+			d.commitLoop(ctx, gctx, gen, trackers, &readers, rebalance*3/4, heartbeat, drained)
 		})
 	}
 }
@@ -195,7 +197,7 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 // last time when the generation ends — after the hand-over of its
 // partitions — or, on shutdown, once the engine has drained.
 func (d *dispatcher) commitLoop(runCtx, gctx context.Context, gen *kafka.Generation, trackers map[int]*offsetTracker,
-	readers *sync.WaitGroup, handOverTimeout time.Duration, drained <-chan struct{}) {
+	readers *sync.WaitGroup, handOverTimeout, heartbeat time.Duration, drained <-chan struct{}) {
 	committed := map[int]int64{}
 	for p, tr := range trackers {
 		committed[p] = tr.position()
@@ -226,7 +228,7 @@ func (d *dispatcher) commitLoop(runCtx, gctx context.Context, gen *kafka.Generat
 		case <-tick.C:
 			commit()
 		case <-gctx.Done():
-			d.handOver(runCtx, readers, handOverTimeout, drained)
+			d.handOver(runCtx, gen, readers, handOverTimeout, heartbeat, drained)
 			commit()
 			return
 		case <-runCtx.Done():
@@ -249,7 +251,24 @@ func (d *dispatcher) commitLoop(runCtx, gctx context.Context, gen *kafka.Generat
 // them), and the requests in flight are waited for until they are recorded
 // and their offsets done, within timeout — the coordinator's rebalance
 // timeout, less a margin for the commit. Jobs from the schedule carry on.
-func (d *dispatcher) handOver(runCtx context.Context, readers *sync.WaitGroup, timeout time.Duration, drained <-chan struct{}) {
+//
+// kafka-go stops heartbeating when the generation ends, and a request in
+// flight may outlast the session timeout, after which the coordinator
+// would drop this member and refuse its commit; so handOver heartbeats
+// for the generation itself while it waits.
+func (d *dispatcher) handOver(runCtx context.Context, gen *kafka.Generation, readers *sync.WaitGroup,
+	timeout, heartbeat time.Duration, drained <-chan struct{}) {
+	stop := make(chan struct{})
+	alive := make(chan struct{})
+	go func() {
+		defer close(alive)
+		d.keepAlive(gen, heartbeat, stop)
+	}()
+	defer func() {
+		close(stop)
+		<-alive
+	}()
+
 	readers.Wait()
 	idle := d.engine.revoke()
 	t := time.NewTimer(timeout)
@@ -263,5 +282,33 @@ func (d *dispatcher) handOver(runCtx context.Context, readers *sync.WaitGroup, t
 	case <-t.C:
 		d.log.Warn("requests in flight did not finish before the partitions moved; their postbacks may be sent again by the next owner",
 			"timeout", timeout)
+	}
+}
+
+// keepAlive sends gen's heartbeats every interval until stop is closed or
+// the coordinator no longer knows the member. During a rebalance the
+// coordinator answers REBALANCE_IN_PROGRESS and counts the heartbeat.
+func (d *dispatcher) keepAlive(gen *kafka.Generation, interval time.Duration, stop <-chan struct{}) {
+	tr := &kafka.Transport{ClientID: "trackstar-dispatcher"}
+	defer tr.CloseIdleConnections()
+	client := &kafka.Client{Addr: kafka.TCP(d.cfg.Brokers...), Transport: tr, Timeout: max(interval, time.Second)}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		resp, err := client.Heartbeat(context.Background(), &kafka.HeartbeatRequest{
+			GroupID: d.cfg.Group, GenerationID: gen.ID, MemberID: gen.MemberID,
+		})
+		switch {
+		case err != nil:
+			d.log.Warn("cannot send a heartbeat during the hand-over; retrying", "generation", gen.ID, "err", err)
+		case resp.Error != nil && !errors.Is(resp.Error, kafka.RebalanceInProgress):
+			d.log.Warn("the group dropped this member during the hand-over; the commit may be refused", "generation", gen.ID, "err", resp.Error)
+			return
+		}
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
 	}
 }

@@ -67,3 +67,42 @@ func TestRebalanceHandsOverWithoutRepeats(t *testing.T) {
 		t.Fatalf("the dispatcher that joined delivered nothing: the test did not hand a partition over")
 	}
 }
+
+// A request in flight that outlasts the session timeout when a rebalance
+// starts: the dispatcher keeps its membership alive while it waits, so
+// its commit still counts and the next owner does not send it again.
+func TestRebalanceWaitsOutASlowRequest(t *testing.T) {
+	started := make(chan struct{})
+	var once sync.Once
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		first := false
+		once.Do(func() { first = true; close(started) })
+		if first {
+			time.Sleep(8 * time.Second) // longer than the session timeout
+		}
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "10s", "[1s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+
+	cfg := dispatcher.Config{Brokers: []string{addr}, Catalog: cat, SessionTimeout: 6 * time.Second} // the broker's least
+	regA := startDispatcher(t, cfg)
+	c1 := newConversion(7)
+	produce(t, addr, c1)
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the partner never got the postback")
+	}
+	regB := startDispatcher(t, cfg)
+	waitFor(t, "the slow request's record", func() bool { return recs.hasOutcome(t, c1.ConversionID, schemas.OutcomeDelivered) })
+
+	c2 := newConversion(7)
+	produce(t, addr, c2)
+	waitFor(t, "a later conversion to be delivered", func() bool { return recs.hasOutcome(t, c2.ConversionID, schemas.OutcomeDelivered) })
+	waitFor(t, "both dispatchers to settle", func() bool { return settled(t, regA) && settled(t, regB) })
+	time.Sleep(time.Second)
+	if n := len(p.requestsFor(c1.ConversionID)); n != 1 {
+		t.Fatalf("the conversion in flight during the rebalance reached the partner %d times, want 1", n)
+	}
+}
