@@ -89,10 +89,11 @@ type engine struct {
 	stopCh    chan struct{} // closed when the engine stops taking work
 
 	mu       sync.Mutex
-	jobs     map[string]*job // every job in memory, by id
-	consumed int             // of those, jobs read from Kafka (schedKey nil)
-	idle     []chan struct{} // closed when consumed falls to 0
-	revoked  chan struct{}   // closed by revoke, then replaced
+	jobs     map[string]*job          // every job in memory, by id
+	consumed int                      // of those, jobs read from Kafka (schedKey nil)
+	idle     []chan struct{}          // closed when consumed falls to 0
+	revoked  chan struct{}            // closed by revoke, then replaced
+	sending  map[string]chan struct{} // conversion IDs with a request in flight; closed when it ends
 	hosts    map[string]*hostQueue
 	queued   int  // jobs in host queues
 	waiting  bool // the schedule holds due jobs that did not fit under MaxQueued
@@ -117,6 +118,7 @@ func newEngine(cfg *Config, m *metrics, store *scheduleStore, fatal func(error))
 		stopCh:    make(chan struct{}),
 		jobs:      map[string]*job{},
 		revoked:   make(chan struct{}),
+		sending:   map[string]chan struct{}{},
 		hosts:     map[string]*hostQueue{},
 		fatalFunc: fatal,
 	}
@@ -468,9 +470,15 @@ func (e *engine) work(h *hostQueue) {
 			e.abandon(j)
 			continue
 		}
+		if !e.claim(j, revoked) {
+			<-e.tokens
+			e.abandon(j)
+			continue
+		}
 		e.metrics.inflight.Inc()
 		r, verdict := e.attempt(j)
 		e.metrics.inflight.Dec()
+		e.unclaim(j)
 		<-e.tokens
 
 		if verdict != verdictNone {
@@ -483,6 +491,40 @@ func (e *engine) work(h *hostQueue) {
 		}
 		e.results <- r
 	}
+}
+
+// claim makes j the conversion's one request in flight. Two statuses of
+// one conversion are never sent at once: a status update waits for the
+// previous status's request to end, so the partner gets them in order (an
+// older status that comes after is superseded, see attempt). It reports
+// false, without waiting longer, when the engine stops or, for a job read
+// from Kafka, when its partition is revoked.
+func (e *engine) claim(j *job, revoked <-chan struct{}) bool {
+	for {
+		e.mu.Lock()
+		busy := e.sending[j.conv.ConversionID]
+		if busy == nil {
+			e.sending[j.conv.ConversionID] = make(chan struct{})
+			e.mu.Unlock()
+			return true
+		}
+		e.mu.Unlock()
+		select {
+		case <-busy:
+		case <-e.stopCh:
+			return false
+		case <-revoked:
+			return false
+		}
+	}
+}
+
+// unclaim ends j's request: the next status of its conversion may go.
+func (e *engine) unclaim(j *job) {
+	e.mu.Lock()
+	close(e.sending[j.conv.ConversionID])
+	delete(e.sending, j.conv.ConversionID)
+	e.mu.Unlock()
 }
 
 func (e *engine) breakerChanged(host string, from, to int) {

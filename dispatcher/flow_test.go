@@ -312,3 +312,54 @@ func TestNewerVersionSupersedesOlderRetry(t *testing.T) {
 		}
 	}
 }
+
+// A status update read while the previous status's request is still in
+// flight waits for it to end: the partner never has both at once, and
+// gets them in order.
+func TestStatusUpdateWaitsForTheRequestInFlight(t *testing.T) {
+	var mu sync.Mutex
+	var pendingEnded time.Time
+	inFlight := make(chan struct{})
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if strings.Contains(r.URL.RawQuery, "st=pending") {
+			close(inFlight)
+			time.Sleep(time.Second)
+			mu.Lock()
+			pendingEnded = time.Now()
+			mu.Unlock()
+		}
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "5s", "[1s]",
+		affiliate(8, p.srv.URL+"/b?tx={conversion_id}&st={status}", "statuses: [pending, approved]"))
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+
+	pending := newConversion(8)
+	pending.Status = schemas.StatusPending
+	approved := pending
+	approved.Version, approved.Status = 2, schemas.StatusApproved
+	produce(t, addr, pending)
+	select {
+	case <-inFlight:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the partner never got the pending status")
+	}
+	produce(t, addr, approved)
+	waitFor(t, "both statuses delivered", func() bool {
+		n := 0
+		for _, d := range recs.deliveries(t, pending.ConversionID) {
+			if d.Outcome == schemas.OutcomeDelivered {
+				n++
+			}
+		}
+		return n == 2
+	})
+	reqs := p.requestsFor(pending.ConversionID)
+	mu.Lock()
+	ended := pendingEnded
+	mu.Unlock()
+	if len(reqs) != 2 || !strings.HasSuffix(reqs[1].uri, "st=approved") || reqs[1].at.Before(ended) {
+		t.Fatalf("the approved status arrived %v after the pending one ended (%d requests); want after it, not during", reqs[len(reqs)-1].at.Sub(ended), len(reqs))
+	}
+}
