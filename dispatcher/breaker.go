@@ -54,12 +54,12 @@ func (b *breaker) allow(now, probeEnd time.Time) (ok, probe bool, until time.Tim
 
 // record takes the result of a request: failed is true for a retryable
 // failure, probe for the request allow let through as the probe. It
-// returns the state before and after. While a probe is deciding, the
-// results of requests sent before the pause (a slow one can outlast the
-// cool-down) are not the probe's and change nothing.
+// returns the state before and after. Once the host is paused, only the
+// probe decides: the results of requests sent before the pause, answering
+// during the cool-down or the probe, change nothing.
 func (b *breaker) record(failed, probe bool, now time.Time, threshold int, cooldown time.Duration) (from, to int) {
 	from = b.state
-	if b.state == breakerHalfOpen && !probe {
+	if b.state != breakerClosed && !probe {
 		return from, from
 	}
 	if !failed {

@@ -392,15 +392,17 @@ func (e *engine) revoke() <-chan struct{} {
 }
 
 // release forgets j and marks its offsets done: it is durable elsewhere.
+// The offsets are marked before j is forgotten: a hand-over waiting for
+// the engine to hold no job read from Kafka commits as soon as it is told
+// (see revoke), and must see them done.
 func (e *engine) release(j *job) {
 	e.mu.Lock()
-	e.forgetLocked(j)
-	acks := j.acks
-	j.acks = nil
-	e.mu.Unlock()
-	for _, ack := range acks {
-		ack()
+	defer e.mu.Unlock()
+	for _, ack := range j.acks {
+		ack() // offsetTracker.markDone: takes only its own lock
 	}
+	j.acks = nil
+	e.forgetLocked(j)
 }
 
 // abandon forgets j without marking its offsets: it will be read again.
@@ -694,13 +696,15 @@ func (e *engine) write(ctx context.Context, w *kafka.Writer, topic string, msgs 
 			e.writeErr.Store(nil)
 			return nil
 		}
-		e.metrics.writeErrors.WithLabelValues(topic).Inc()
-		e.writeErr.Store(&err)
 		if ctx.Err() != nil {
-			e.log.Error("giving up writing to Kafka on shutdown; the attempts will be made again after the restart",
+			// Cut off (a shutdown, a rebalance), not refused by Kafka:
+			// readiness and the error count are left alone.
+			e.log.Warn("giving up writing to Kafka as the work stops; the records are made again by the next run or the partition's next owner",
 				"topic", topic, "messages", len(msgs), "err", err)
 			return err
 		}
+		e.metrics.writeErrors.WithLabelValues(topic).Inc()
+		e.writeErr.Store(&err)
 		e.log.Warn("cannot write to Kafka; retrying", "topic", topic, "messages", len(msgs), "err", err)
 		select {
 		case <-ctx.Done():

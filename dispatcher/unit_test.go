@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/trackstar/trackstar/internal/catalog"
 )
 
@@ -73,6 +75,10 @@ func TestBreaker(t *testing.T) {
 	}
 	if from, to := b.record(true, false, at(time.Second), threshold, cooldown); from != breakerClosed || to != breakerOpen {
 		t.Fatalf("failure %d: %d -> %d, want closed -> open", threshold, from, to)
+	}
+	// A late answer to a request sent before the pause changes nothing.
+	if from, to := b.record(false, false, at(2*time.Second), threshold, cooldown); from != breakerOpen || to != breakerOpen {
+		t.Fatalf("a late success during the cool-down moved the breaker to %d", to)
 	}
 	if blocked, until := b.blocked(at(5 * time.Second)); !blocked || !until.Equal(at(11*time.Second)) {
 		t.Fatalf("during the cool-down: blocked %v until %v, want until %v", blocked, until, at(11*time.Second))
@@ -237,5 +243,38 @@ func TestVersionNotes(t *testing.T) {
 	}
 	if got := latest(day(0)); got != 0 {
 		t.Fatalf("after dropping notes older than day 1: latest on day 0 = %d, want 0", got)
+	}
+}
+
+// A hand-over commits as soon as revoke's channel closes: by then the
+// offsets of the last job read from Kafka must be marked done.
+func TestReleaseMarksOffsetsBeforeIdle(t *testing.T) {
+	e := &engine{
+		log: slog.Default(), metrics: newMetrics(prometheus.NewRegistry()),
+		jobs: map[string]*job{}, hosts: map[string]*hostQueue{}, revoked: make(chan struct{}),
+	}
+	tr := newOffsetTracker(0)
+	tr.add(0)
+	var idle <-chan struct{}
+	j := &job{id: "c/1", acks: []func(){func() {
+		select {
+		case <-idle:
+			t.Errorf("the hand-over was told the engine is idle before the offset was marked done")
+		default:
+		}
+		tr.markDone(0)
+	}}}
+	e.mu.Lock()
+	e.putLocked(j) // in flight
+	e.mu.Unlock()
+	idle = e.revoke()
+	e.release(j) // the finalizer has recorded it
+	select {
+	case <-idle:
+	default:
+		t.Fatal("the engine holds no job read from Kafka, yet the hand-over is not told")
+	}
+	if pos := tr.position(); pos != 1 {
+		t.Fatalf("position %d after the release, want 1", pos)
 	}
 }
