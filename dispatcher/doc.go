@@ -23,4 +23,11 @@
 //
 // A scheduler goroutine feeds due entries of the schedule back to the host
 // queues; a restart resumes the schedule where it was.
+//
+// When a rebalance takes partitions away, the dispatcher hands them over
+// before it rejoins: it drops what it read from them and only queued,
+// waits for their requests in flight to be recorded, and commits. One
+// conversion has at most one request in flight, and a status update
+// supersedes an older status still waiting, so a partner gets a
+// conversion's statuses in order.
 package dispatcher
