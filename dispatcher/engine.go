@@ -175,16 +175,7 @@ func (e *engine) submit(ctx context.Context, m kafka.Message, ack func()) {
 	if err != nil {
 		e.metrics.conversions.WithLabelValues("invalid").Inc()
 		e.log.Error("dead-lettering a conversion record that cannot be decoded", "partition", partition, "offset", offset, "err", err)
-		dl := DeadLetter{
-			Topic: bus.TopicConversions, Partition: partition, Offset: offset, Key: string(m.Key),
-			Error: err.Error(), TS: e.now().UnixMilli(),
-		}
-		dl.SetValue(raw)
-		v, err := json.Marshal(&dl)
-		if err != nil {
-			panic("BUG: cannot encode dead letter: " + err.Error())
-		}
-		if e.write(ctx, e.dlq, bus.TopicDLQ, []kafka.Message{{Key: m.Key, Value: v, Time: time.Now()}}) == nil {
+		if e.write(ctx, e.dlq, bus.TopicDLQ, []kafka.Message{bus.DeadLetter(m, err, e.now())}) == nil {
 			ack()
 		}
 		return

@@ -2,7 +2,6 @@ package warehouse
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -239,16 +238,6 @@ func sendRows(ctx context.Context, conn driver.Conn, database string, t *loaderT
 // trackstar.dlq: a record it could not decode, where it came from and why.
 // Its Kafka key is the original record's key.
 type DeadLetter = schemas.DeadLetter
-
-func deadLetterMessage(m kafka.Message, reason error) kafka.Message {
-	dl := DeadLetter{Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: string(m.Key), Error: reason.Error()}
-	dl.SetValue(m.Value)
-	v, err := json.Marshal(&dl)
-	if err != nil {
-		panic("BUG: cannot encode a dead letter: " + err.Error())
-	}
-	return kafka.Message{Key: m.Key, Value: v, Time: time.Now()}
-}
 
 // record is a fetched Kafka record, decoded.
 type record struct {
@@ -663,7 +652,7 @@ func (l *loader) fetch(ctx context.Context, out chan<- record) {
 		if r.row, err = loaderTables[i].row(m.Value); err != nil {
 			l.log.Warn("cannot decode record; sending it to the dead-letter topic",
 				"topic", m.Topic, "partition", m.Partition, "offset", m.Offset, "err", err)
-			r.deadLetter = deadLetterMessage(m, err)
+			r.deadLetter = bus.DeadLetter(m, err, time.Now())
 		}
 		select {
 		case out <- r:
