@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/url"
 	"strings"
@@ -438,10 +439,27 @@ func TestOpsEndpoints(t *testing.T) {
 		"trackstar_edge_spool_active 0",
 		"trackstar_edge_panics_total 0",
 		"go_goroutines",
+		`trackstar_edge_produce_phase_seconds_count{phase="queue"} 1`,
+		`trackstar_edge_produce_phase_seconds_count{phase="kafka"} 1`,
+		`trackstar_edge_produce_phase_seconds_count{phase="wakeup"} 1`,
 	} {
 		if !strings.Contains(body, series) {
 			t.Fatalf("/metrics lacks %q:\n%s", series, body)
 		}
+	}
+	// The phases split the click's produce time: none is negative, the
+	// round trip to Kafka takes some time, and together they are the whole.
+	total := metricValue(t, te, "trackstar_edge_produce_seconds_sum", `result="acked"`)
+	var phases float64
+	for _, ph := range []string{"queue", "kafka", "wakeup"} {
+		v := metricValue(t, te, "trackstar_edge_produce_phase_seconds_sum", `phase="`+ph+`"`)
+		if v < 0 || (ph == "kafka" && v == 0) {
+			t.Errorf("produce phase %s: %g s", ph, v)
+		}
+		phases += v
+	}
+	if math.Abs(phases-total) > 1e-6 {
+		t.Errorf("produce phases add up to %g s, the produce time is %g s", phases, total)
 	}
 }
 

@@ -230,6 +230,12 @@ func (f *flight) round(batch []*event, retry []*event) (_ []*event, again bool) 
 		reqs = append(reqs, f.parts[i:j])
 		i = j
 	}
+	// The phases of trackstar_edge_produce_phase_seconds: each event's
+	// last round went out at sent and came back at acked.
+	sent := time.Now()
+	for _, ev := range batch {
+		ev.sentAt = sent
+	}
 	switch len(reqs) {
 	case 0:
 	case 1:
@@ -246,6 +252,11 @@ func (f *flight) round(batch []*event, retry []*event) (_ []*event, again bool) 
 		for range reqs[1:] {
 			<-done
 		}
+	}
+
+	acked := time.Now()
+	for _, ev := range batch {
+		ev.ackedAt = acked
 	}
 
 	// Settle each event in batch order, which keeps a partition's retries

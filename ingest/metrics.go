@@ -39,6 +39,17 @@ func codeIndex(code int) int {
 	return -1
 }
 
+// The phases of an acked event's wait, from the handler's hand-over to the
+// producer until the handler runs again with the ack.
+const (
+	phaseQueue  = iota // until the produce round carrying it goes out
+	phaseKafka         // that round's request until its answer is back
+	phaseWakeup        // the answer until the handler runs again
+	numPhases
+)
+
+var phaseNames = [numPhases]string{"queue", "kafka", "wakeup"}
+
 const (
 	reasonTimeout = iota
 	reasonError
@@ -49,6 +60,7 @@ type metrics struct {
 	requests       *prometheus.CounterVec
 	byCode         [numRoutes][]prometheus.Counter
 	produceSeconds [numTopics][numResults]prometheus.Observer
+	producePhase   [numPhases]prometheus.Observer
 	kafkaErrors    [numTopics][numReasons]prometheus.Counter
 	spooled        [numTopics]prometheus.Counter
 	drained        [numTopics]prometheus.Counter
@@ -76,6 +88,18 @@ func newMetrics(reg *prometheus.Registry, sp *spool) (*metrics, error) {
 		Help:    "Time from handing an event to the producer until it is durable, by topic and result (acked by Kafka, spooled, failed).",
 		Buckets: []float64{.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 	}, []string{"topic", "result"})
+	// Where an acked event's produce time went: a high p99 in "kafka" is
+	// the brokers (or the network to them); in "queue" and "wakeup" it is
+	// the edge's own process waiting for CPU.
+	phase := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "trackstar_edge_produce_phase_seconds",
+		Help: "Phases of trackstar_edge_produce_seconds{result=\"acked\"}: queue (waiting for the produce round that carried the event), " +
+			"kafka (that round's request until the brokers' answer), wakeup (the answer until the request's handler runs again).",
+		Buckets: []float64{.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1},
+	}, []string{"phase"})
+	for ph := range numPhases {
+		m.producePhase[ph] = phase.WithLabelValues(phaseNames[ph])
+	}
 	kafkaErrors := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "trackstar_edge_kafka_errors_total",
 		Help: "Events Kafka did not ack in time (timeout) or refused (error); each went to the spool.",
@@ -127,7 +151,7 @@ func newMetrics(reg *prometheus.Registry, sp *spool) (*metrics, error) {
 			return 0
 		}),
 	}
-	for _, c := range append([]prometheus.Collector{m.requests, m.spoolErrors, m.panics, produce, kafkaErrors, spooled, drained}, gauges...) {
+	for _, c := range append([]prometheus.Collector{m.requests, m.spoolErrors, m.panics, produce, phase, kafkaErrors, spooled, drained}, gauges...) {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("cannot register edge metrics: %w", err)
 		}

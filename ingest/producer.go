@@ -45,6 +45,10 @@ type event struct {
 	// Kept by flight while the event is queued.
 	partition int32
 	attempts  uint8
+	// sentAt and ackedAt: when the last round carrying the event went
+	// out and when its answer came back. Written by flight before it
+	// completes the event, read by the handler after.
+	sentAt, ackedAt time.Time
 }
 
 const (
@@ -195,7 +199,13 @@ const (
 func (p *producer) send(ev *event) error {
 	start := time.Now()
 	res, err := p.sendAt(ev, start)
-	p.m.produceSeconds[ev.topic][res].Observe(time.Since(start).Seconds())
+	now := time.Now()
+	p.m.produceSeconds[ev.topic][res].Observe(now.Sub(start).Seconds())
+	if res == resultAcked {
+		p.m.producePhase[phaseQueue].Observe(ev.sentAt.Sub(start).Seconds())
+		p.m.producePhase[phaseKafka].Observe(ev.ackedAt.Sub(ev.sentAt).Seconds())
+		p.m.producePhase[phaseWakeup].Observe(now.Sub(ev.ackedAt).Seconds())
+	}
 	return err
 }
 

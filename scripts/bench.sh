@@ -10,7 +10,9 @@
 #               bare handler. Then the same at a fixed offered load
 #               (scripts/wrk-paced.lua) of PACED_SHARE x the bare handler's
 #               throughput: latency at saturation is N / throughput by
-#               Little's law. Goal for `trackstar all`: >= 0.5x, no errors,
+#               Little's law. For the paced runs it also prints where the
+#               edges' produce time went (trackstar_edge_produce_phase_seconds).
+#               Goal for `trackstar all`: >= 0.5x, no errors,
 #               p99 <= 10 ms at that load.
 #   attributor  the attributor's Go benchmarks on one core (-cpu 1): clicks/s
 #               into the click store, postbacks/s joined, and a run with
@@ -143,6 +145,35 @@ http_body() {
 click_ack_histogram() {
 	http_body 127.0.0.1 "$1" /metrics |
 		sed -n 's/^trackstar_edge_produce_seconds_bucket{result="acked",topic="trackstar.clicks",le="\([^"]*\)"} \([0-9.e+]*\)$/\1 \2/p'
+}
+
+# phase_snapshot PORT: the edge's trackstar_edge_produce_phase_seconds as
+# "phase key value" lines, key a bucket's upper bound, sum or count.
+phase_snapshot() {
+	http_body 127.0.0.1 "$1" /metrics | awk '
+		/^trackstar_edge_produce_phase_seconds_/ {
+			match($0, /phase="[a-z]+"/); ph = substr($0, RSTART + 7, RLENGTH - 8)
+			if ($1 ~ /_bucket/) { match($0, /le="[^"]*"/); key = substr($0, RSTART + 4, RLENGTH - 5) }
+			else if ($1 ~ /_sum/) key = "sum"
+			else key = "count"
+			print ph, key, $NF
+		}'
+}
+
+# phase_summary BEFORE AFTER: for each phase, the mean and the share within
+# 10 ms of the events acked between two phase_snapshots.
+phase_summary() {
+	awk -v before="$1" '
+		BEGIN { n = split(before, l, "\n"); for (i = 1; i <= n; i++) { split(l[i], f, " "); b[f[1] " " f[2]] = f[3] } }
+		{ d[$1 " " $2] = $3 - b[$1 " " $2] }
+		END {
+			split("queue kafka wakeup", ph, " ")
+			for (i = 1; i <= 3; i++) {
+				c = d[ph[i] " count"]
+				if (c > 0) printf "%s%s mean %.2f ms, %.2f%% within 10 ms", (i > 1 ? "; " : ""), ph[i], 1000 * d[ph[i] " sum"] / c, 100 * d[ph[i] " 0.01"] / c
+			}
+			print ""
+		}' <<<"$2"
 }
 
 # wait_status HOST PORT PATH CODE WHAT: wait up to 60s for CODE.
@@ -340,8 +371,10 @@ bench_edge() {
 	local rate
 	rate=$(awk -v b="$mb" -v s="$PACED_SHARE" 'BEGIN { printf "%d", b * s }')
 	local -A prps=() pp50s=() pp99s=()
-	local hist_before
+	local hist_before phases_ts phases_edge
 	hist_before=$(click_ack_histogram "$ts_port")
+	phases_ts=$(phase_snapshot "$ts_port")
+	phases_edge=$(phase_snapshot "$edge_port")
 	echo
 	echo "== edge at a fixed load: $rate req/s ($PACED_SHARE x bare's median), wrk -t1 -c$CONNECTIONS -d$DURATION -s scripts/wrk-paced.lua, $ROUNDS rounds"
 	printf '%-10s %5s %12s %10s %10s %8s\n' server round "req/s" "p50 ms" "p99 ms" errors
@@ -377,6 +410,14 @@ bench_edge() {
 		read -r a5 a10 a25 <<<"$acked"
 		printf 'trackstar at %s req/s offered: clicks acked by Kafka within 5 ms %s%%, 10 ms %s%%, 25 ms %s%% (server side)\n' "$rate" "$a5" "$a10" "$a25"
 	fi
+	# Where that time went, for `trackstar all` and the edge alone: waiting
+	# for the produce round (queue), the round trip to the broker (kafka),
+	# and from the answer until the handler ran again (wakeup).
+	local ph_ts ph_edge
+	ph_ts=$(phase_summary "$phases_ts" "$(phase_snapshot "$ts_port")")
+	ph_edge=$(phase_summary "$phases_edge" "$(phase_snapshot "$edge_port")")
+	printf 'produce phases at %s req/s offered, trackstar: %s\n' "$rate" "$ph_ts"
+	printf 'produce phases at %s req/s offered, edge-only: %s\n' "$rate" "$ph_edge"
 
 	local errors=${errs[trackstar]} sat_p99 paced_p99 paced_rps bound
 	# shellcheck disable=SC2086
@@ -417,6 +458,8 @@ bench_edge() {
 	record edge "trackstar all req/s answered of $rate offered" "$paced_rps" ">= 95%" "$kept"
 	[[ -z $acked ]] || record edge "trackstar all clicks acked by Kafka within 5 / 10 / 25 ms at $rate req/s (server side)" \
 		"$a5 / $a10 / $a25 %"
+	[[ -z $ph_ts ]] || record edge "trackstar all produce phases at $rate req/s (server side)" "$ph_ts"
+	[[ -z $ph_edge ]] || record edge "edge alone produce phases at $rate req/s (server side)" "$ph_edge"
 	# shellcheck disable=SC2086
 	record edge "edge alone (embedded broker) p50 / p99 at $rate req/s offered" \
 		"$(median ${pp50s[edge-only]}) / $(median ${pp99s[edge-only]}) ms"
