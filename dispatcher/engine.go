@@ -267,6 +267,16 @@ func (e *engine) enqueue(j *job) bool {
 	return true
 }
 
+// currentHost is the host conv's partner postback goes to under cat, or ""
+// when the affiliate no longer gets it (attempt then drops the job).
+func currentHost(cat *catalog.Catalog, conv *schemas.Conversion) string {
+	pb := postbackFor(cat, conv)
+	if pb == nil {
+		return ""
+	}
+	return hostOf(pb.URL.Append(nil, valuesOf(conv)))
+}
+
 func (e *engine) hostLocked(name string) *hostQueue {
 	h := e.hosts[name]
 	if h == nil {
@@ -427,8 +437,25 @@ func (e *engine) work(h *hostQueue) {
 		revoked := e.revoked
 		e.queued--
 		e.metrics.queueDepth.Set(float64(e.queued))
+		// A config reload may have moved the affiliate's postback URL to
+		// another host while j waited here: it belongs in that host's
+		// queue, under that host's breaker, not this one's.
+		cat := e.cfg.Catalog.Current()
+		if host := currentHost(cat, &j.conv); host != "" && host != h.name {
+			wake := h.waiting && len(h.queue) <= e.cfg.HostQueue/2
+			if wake {
+				h.waiting = false
+			}
+			e.mu.Unlock()
+			if wake {
+				e.wakeScheduler()
+			}
+			j.host = host
+			e.enqueue(j)
+			continue
+		}
 		now := e.now()
-		ok, probe, until := h.br.allow(now, now.Add(e.cfg.Catalog.Current().Delivery.Timeout+time.Second))
+		ok, probe, until := h.br.allow(now, now.Add(cat.Delivery.Timeout+time.Second))
 		if probe {
 			e.metrics.breakerState.WithLabelValues(h.name).Set(breakerHalfOpen)
 		}

@@ -4,6 +4,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/catalog"
 	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -361,5 +364,62 @@ func TestStatusUpdateWaitsForTheRequestInFlight(t *testing.T) {
 	mu.Unlock()
 	if len(reqs) != 2 || !strings.HasSuffix(reqs[1].uri, "st=approved") || reqs[1].at.Before(ended) {
 		t.Fatalf("the approved status arrived %v after the pending one ended (%d requests); want after it, not during", reqs[len(reqs)-1].at.Sub(ended), len(reqs))
+	}
+}
+
+// A config reload that moves an affiliate's postback URL to another host
+// moves the conversions already queued for the old host too: they go to
+// the new host under its breaker, not held back by the old host's pause.
+func TestReloadMovesQueuedJobsToTheNewHost(t *testing.T) {
+	release := make(chan struct{})
+	old := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		w.WriteHeader(http.StatusBadGateway)
+	})
+	moved := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	path := filepath.Join(t.TempDir(), "trackstar.yaml")
+	write := func(partner *partner) {
+		cfg := "allow_private_partner_urls: true\ndelivery:\n  timeout: 5s\n  retries: [50ms, 50ms, 50ms]\naffiliates:\n" +
+			affiliate(7, partner.srv.URL+"/pb?tx={conversion_id}")
+		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(old)
+	cat, err := catalog.NewHolder(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One request at a time to a host, and one failure pauses it for
+	// longer than the test waits.
+	startDispatcher(t, dispatcher.Config{
+		Brokers:         []string{addr},
+		Catalog:         cat,
+		HostConcurrency: 1,
+		BreakerFailures: 1,
+		BreakerCooldown: time.Hour,
+	})
+	first, queued := newConversion(7), newConversion(7)
+	produce(t, addr, first, queued)
+	waitFor(t, "the old partner to hold the first request", func() bool { return len(old.requests()) == 1 })
+
+	write(moved)
+	if err := cat.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	close(release) // the old host fails: its breaker opens for an hour
+	waitFor(t, "the queued conversion to be delivered to the new host", func() bool {
+		return recs.hasOutcome(t, queued.ConversionID, schemas.OutcomeDelivered)
+	})
+	if n := len(old.requestsFor(queued.ConversionID)); n != 0 {
+		t.Fatalf("the old host got %d requests for the conversion queued when the URL moved", n)
+	}
+	if n := len(moved.requestsFor(queued.ConversionID)); n != 1 {
+		t.Fatalf("the new host got %d requests for the queued conversion, want 1", n)
 	}
 }
