@@ -610,3 +610,26 @@ func TestAllowedIPsRefusesMixedMappedPrefix(t *testing.T) {
 		t.Fatalf("Parse = %v, want an error about IPv4-mapped addresses", err)
 	}
 }
+
+func TestParsePortOutOfRangeNamesTheLine(t *testing.T) {
+	_, err := Parse([]byte(`advertisers:
+- {id: 1, token: t1}
+offers:
+- id: 1
+  advertiser_id: 1
+  url: "https://shop.example:99999/?c={click_id}"
+  goals:
+  - {id: default, revenue: {fixed: 1}, payout: {fixed: 0.5}}
+affiliates:
+- id: 7
+  postback:
+    url: "https://partner.example:123456/pb?tx={conversion_id}"
+`), "t.yaml")
+	if err == nil {
+		t.Fatalf("a config whose URLs have ports out of range loads")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	if len(lines) != 2 || !strings.HasPrefix(lines[0], "t.yaml:6: offers[0].url: ") || !strings.HasPrefix(lines[1], "t.yaml:12: affiliates[0].postback.url: ") {
+		t.Fatalf("errors = %q; want one naming line 6 and one naming line 12", lines)
+	}
+}

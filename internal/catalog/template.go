@@ -186,6 +186,8 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 		problems = append(problems, fmt.Sprintf("malformed URL: %v", errors.Unwrap(err)))
 	case (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Hostname() == "":
 		problems = append(problems, "URL must be absolute http:// or https:// with a host")
+	case !validPort(u.Port()):
+		problems = append(problems, fmt.Sprintf("malformed URL: port %q is not a TCP port (1 to 65535)", u.Port()))
 	default:
 		t.host = u.Hostname()
 	}
@@ -193,6 +195,16 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 		return nil, problems
 	}
 	return t, nil
+}
+
+// validPort reports whether a URL's port (empty: the scheme's default) is
+// one a request can go to. net/url checks only that it is digits.
+func validPort(port string) bool {
+	if port == "" {
+		return true
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	return err == nil && n > 0
 }
 
 // String returns the template as written in the config.

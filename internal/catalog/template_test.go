@@ -152,3 +152,30 @@ func TestTemplateAppendDoesNotAllocate(t *testing.T) {
 		t.Fatalf("Append allocates %v times per call", allocs)
 	}
 }
+
+// A port outside 1..65535 makes a URL no request can be sent to (browsers
+// refuse to follow a redirect to it, the dispatcher cannot dial it): a
+// malformed URL, which DESIGN.md makes a load error.
+func TestParseTemplatePortOutOfRange(t *testing.T) {
+	for _, raw := range []string{
+		"https://shop.example:99999/land?c={click_id}",
+		"https://shop.example:65536/",
+		"http://shop.example:0/",
+		"http://[2001:db8::1]:70000/pb",
+	} {
+		for _, partner := range []bool{false, true} {
+			tpl, err := ParseTemplate(raw, partner)
+			if err == nil || tpl != nil {
+				t.Fatalf("ParseTemplate(%q, %v) succeeded", raw, partner)
+			}
+			if !strings.Contains(err.Error(), "port") {
+				t.Fatalf("ParseTemplate(%q, %v): %v; want an error about the port", raw, partner, err)
+			}
+		}
+	}
+	for _, raw := range []string{"https://shop.example:65535/", "http://shop.example:1/", "http://[2001:db8::1]:8080/pb", "https://shop.example:/x"} {
+		if _, err := ParseTemplate(raw, false); err != nil {
+			t.Fatalf("ParseTemplate(%q): %v", raw, err)
+		}
+	}
+}
