@@ -551,3 +551,31 @@ func TestPrivateURLsOffClosesTheWay(t *testing.T) {
 		t.Fatalf("record = %+v, want a refusal", d[0])
 	}
 }
+
+// DESIGN.md, "Topics": every topic's key is the click ID, trackstar.deliveries
+// included, whatever the attempt's outcome.
+func TestDeliveriesAreKeyedByClickID(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if nth == 1 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	startDispatcher(t, dispatcher.Config{
+		Brokers: []string{addr},
+		Catalog: holder(t, true, "2s", "[50ms]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}")),
+	})
+	c := newConversion(7)
+	produce(t, addr, c)
+	waitFor(t, "the delivered record", func() bool { return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) })
+	msgs := recs.messages()
+	if len(msgs) != 2 {
+		t.Fatalf("deliveries holds %d records, want 2 (retrying, delivered)", len(msgs))
+	}
+	for _, m := range msgs {
+		if string(m.Key) != c.ClickID {
+			t.Fatalf("delivery record keyed %q, want the click ID %s (conversion %s): %s", m.Key, c.ClickID, c.ConversionID, m.Value)
+		}
+	}
+}

@@ -596,7 +596,9 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 		if r.kind != resAttempt {
 			continue
 		}
-		recs = append(recs, kafka.Message{Key: []byte(r.rec.ConversionID), Value: schemas.EncodeDelivery(r.rec), Time: time.Now()})
+		// Keyed by the click ID, like every topic (DESIGN.md): all attempts
+		// of one conversion still land in one partition, in order.
+		recs = append(recs, kafka.Message{Key: []byte(r.job.conv.ClickID), Value: schemas.EncodeDelivery(r.rec), Time: time.Now()})
 		if r.rec.Outcome == schemas.OutcomeDead {
 			j := r.job
 			dl := DeadLetter{
