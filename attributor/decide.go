@@ -63,7 +63,8 @@ type Decision struct {
 // the first that fails deciding the reason: unknown_click (or expired, when
 // the click ID is older than any offer's window), advertiser_mismatch,
 // unknown_goal (also when the click's offer left the config), expired,
-// ctit_too_short, then deduplication against the slot: a different click
+// ctit_too_short, currency_mismatch (a currency other than the offer's),
+// then deduplication against the slot: a different click
 // already holding the txn_id, or the same status again, is a duplicate; a
 // different status updates the slot's conversion (same conversion_id,
 // version+1). A postback with status rejected is advertiser_rejected, and
@@ -132,6 +133,14 @@ func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas
 	if ctit < offer.MinCTIT.Milliseconds() {
 		return reject(schemas.RejectCTITTooShort)
 	}
+	// A conversion's money — sale amount, revenue, payout — is in its
+	// offer's currency, the one its goals' fixed amounts are written in.
+	// An amount in another currency could only be mislabelled or summed
+	// with the wrong ones: without exchange rates it is rejected, with
+	// the currency sent, for the advertiser to resend it right.
+	if c.Currency != offer.Currency {
+		return reject(schemas.RejectCurrencyMismatch)
+	}
 
 	var claim SlotKey
 	if pb.TxnID != "" {
@@ -156,9 +165,6 @@ func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas
 		c.ConversionID, c.Version = prev.ConversionID, prev.Version+1
 		if !hasAmount {
 			c.SaleAmount = prev.SaleAmount
-		}
-		if pb.Currency == "" && prev.Currency != "" {
-			c.Currency = prev.Currency
 		}
 	}
 	c.Status = status

@@ -25,6 +25,9 @@ const (
 	RejectAdvertiserMismatch = "advertiser_mismatch"
 	RejectUnknownGoal        = "unknown_goal"
 	RejectAdvertiserRejected = "advertiser_rejected"
+	// RejectCurrencyMismatch: the postback's amount is in another currency
+	// than its offer's, and Trackstar keeps no exchange rates.
+	RejectCurrencyMismatch = "currency_mismatch"
 )
 
 // Delivery outcomes of one partner postback attempt.
