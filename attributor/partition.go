@@ -119,7 +119,12 @@ func (p *partition) load() (bool, error) {
 	for _, hs := range p.held {
 		slices.SortFunc(hs, func(a, b heldPostback) int { return cmp.Compare(a.offset, b.offset) })
 	}
-	return true, it.Error()
+	if err := it.Error(); err != nil {
+		return false, err
+	}
+	// They are waiting from now on, whether or not a batch comes soon.
+	p.showHeld()
+	return true, nil
 }
 
 // pendingOutbox returns the conversions decided but not acknowledged yet.

@@ -449,6 +449,7 @@ func (w *worker) rebuild(ctx context.Context) error {
 	if err := dropPartition(a.db, w.id); err != nil {
 		return storeErr(err)
 	}
+	p.close() // the held postbacks of the stale state are dropped with it
 	*p = *newPartition(a.db, w.id, a.cfg.Grace, a.m)
 	// The state to restore is what expire would have kept by now: counted
 	// back from the postbacks' position, not from the clock, so that a
