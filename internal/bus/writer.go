@@ -52,13 +52,17 @@ func NewWriter(cfg WriterConfig) *kafka.Writer {
 		cfg.MaxAttempts = 3
 	}
 	return &kafka.Writer{
-		Addr:                   kafka.TCP(cfg.Brokers...),
-		Topic:                  cfg.Topic,
-		Balancer:               cfg.Balancer,
-		RequiredAcks:           kafka.RequireAll,
-		BatchTimeout:           cfg.BatchTimeout,
-		BatchSize:              cfg.BatchSize,
-		BatchBytes:             4 << 20,
+		Addr:         kafka.TCP(cfg.Brokers...),
+		Topic:        cfg.Topic,
+		Balancer:     cfg.Balancer,
+		RequiredAcks: kafka.RequireAll,
+		BatchTimeout: cfg.BatchTimeout,
+		BatchSize:    cfg.BatchSize,
+		// One record batch per partition and request: at most what a
+		// broker takes by default (message.max.bytes, 1 MB), or a batch of
+		// large records (dead letters, up to MaxDeadLetterBytes each) would
+		// be refused, and retried, forever.
+		BatchBytes:             1_000_000,
 		WriteTimeout:           cfg.WriteTimeout,
 		ReadTimeout:            cfg.WriteTimeout,
 		MaxAttempts:            cfg.MaxAttempts,
