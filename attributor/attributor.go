@@ -269,6 +269,14 @@ func (a *attributor) startGeneration(gen *kafka.Generation, balancer *bus.CoPart
 		}
 		w := &worker{a: a, id: p, groupClicks: groupOffsets[p][0], groupPostbacks: groupOffsets[p][1], committer: committer}
 		gen.Start(func(ctx context.Context) {
+			// kafka-go runs fn even when the generation has already ended
+			// (a rebalance while this one was being set up), and then
+			// does not wait for it: such a worker could overlap the next
+			// generation's worker of the same partition, whose state a
+			// rebuild drops. Its ctx is done already, so it stops here.
+			if ctx.Err() != nil {
+				return
+			}
 			if err := w.run(ctx); err != nil {
 				if errors.Is(err, errCrashed) {
 					a.fatal(err)
