@@ -30,7 +30,10 @@ type Slot struct {
 	Status       string
 	ClickID      string
 	SaleAmount   schemas.Amount // kept so that an update without an amount keeps it
-	Currency     string
+	// Currency is the conversion's, its offer's. Decide does not read it
+	// (an update's currency is the offer's again); it stays in the stored
+	// slot encoding, which existing stores hold.
+	Currency string
 }
 
 // Slots is what Decide may read of the earlier conversions.
