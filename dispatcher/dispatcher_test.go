@@ -15,8 +15,6 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -27,7 +25,6 @@ import (
 
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
-	"github.com/trackstar/trackstar/internal/catalog"
 	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -516,19 +513,8 @@ func TestPrivateURLsOffClosesTheWay(t *testing.T) {
 	recs := collect(t, addr, bus.TopicDeliveries, 1)
 	u, _ := url.Parse(p.srv.URL)
 	port := u.Port()
-	path := filepath.Join(t.TempDir(), "trackstar.yaml")
-	write := func(allow bool) {
-		cfg := fmt.Sprintf("allow_private_partner_urls: %v\ndelivery:\n  timeout: 2s\n  retries: [50ms]\naffiliates:\n%s",
-			allow, affiliate(7, "http://partner.invalid:"+port+"/pb?tx={conversion_id}"))
-		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(true)
-	cat, err := catalog.NewHolder(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	aff := affiliate(7, "http://partner.invalid:"+port+"/pb?tx={conversion_id}")
+	cat, reload := reloadableHolder(t, true, "2s", "[50ms]", aff)
 	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat,
 		LookupNetIP: func(ctx context.Context, host string) ([]netip.Addr, error) {
 			return []netip.Addr{netip.MustParseAddr("127.0.0.1")}, nil
@@ -537,10 +523,7 @@ func TestPrivateURLsOffClosesTheWay(t *testing.T) {
 	produce(t, addr, c1)
 	waitFor(t, "the first conversion to be delivered", func() bool { return recs.hasOutcome(t, c1.ConversionID, schemas.OutcomeDelivered) })
 
-	write(false)
-	if err := cat.Reload(); err != nil {
-		t.Fatal(err)
-	}
+	reload(false, aff)
 	c2 := newConversion(7)
 	produce(t, addr, c2)
 	waitFor(t, "the second conversion's final record", func() bool { return recs.hasOutcome(t, c2.ConversionID, schemas.OutcomeFailed) })

@@ -4,8 +4,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -15,7 +13,6 @@ import (
 
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
-	"github.com/trackstar/trackstar/internal/catalog"
 	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -382,19 +379,7 @@ func TestReloadMovesQueuedJobsToTheNewHost(t *testing.T) {
 	moved := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
 	addr := testenv.KafkaTopics(t, 1)
 	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	path := filepath.Join(t.TempDir(), "trackstar.yaml")
-	write := func(partner *partner) {
-		cfg := "allow_private_partner_urls: true\ndelivery:\n  timeout: 5s\n  retries: [50ms, 50ms, 50ms]\naffiliates:\n" +
-			affiliate(7, partner.srv.URL+"/pb?tx={conversion_id}")
-		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(old)
-	cat, err := catalog.NewHolder(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cat, reload := reloadableHolder(t, true, "5s", "[50ms, 50ms, 50ms]", affiliate(7, old.srv.URL+"/pb?tx={conversion_id}"))
 	// One request at a time to a host, and one failure pauses it for
 	// longer than the test waits.
 	startDispatcher(t, dispatcher.Config{
@@ -408,10 +393,7 @@ func TestReloadMovesQueuedJobsToTheNewHost(t *testing.T) {
 	produce(t, addr, first, queued)
 	waitFor(t, "the old partner to hold the first request", func() bool { return len(old.requests()) == 1 })
 
-	write(moved)
-	if err := cat.Reload(); err != nil {
-		t.Fatal(err)
-	}
+	reload(true, affiliate(7, moved.srv.URL+"/pb?tx={conversion_id}"))
 	close(release) // the old host fails: its breaker opens for an hour
 	waitFor(t, "the queued conversion to be delivered to the new host", func() bool {
 		return recs.hasOutcome(t, queued.ConversionID, schemas.OutcomeDelivered)

@@ -107,17 +107,35 @@ func affiliate(id int, url string, extra ...string) string {
 // given, and loads it.
 func holder(t testing.TB, allowPrivate bool, timeout string, retries string, affiliates ...string) *catalog.Holder {
 	t.Helper()
-	cfg := fmt.Sprintf("allow_private_partner_urls: %v\ndelivery:\n  timeout: %s\n  retries: %s\naffiliates:\n%s",
-		allowPrivate, timeout, retries, strings.Join(affiliates, ""))
+	h, _ := reloadableHolder(t, allowPrivate, timeout, retries, affiliates...)
+	return h
+}
+
+// reloadableHolder is holder, with a function that rewrites the config file
+// with other settings and reloads it, as a SIGHUP would.
+func reloadableHolder(t testing.TB, allowPrivate bool, timeout string, retries string, affiliates ...string) (*catalog.Holder, func(allowPrivate bool, affiliates ...string)) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "trackstar.yaml")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
+	write := func(allowPrivate bool, affiliates ...string) string {
+		cfg := fmt.Sprintf("allow_private_partner_urls: %v\ndelivery:\n  timeout: %s\n  retries: %s\naffiliates:\n%s",
+			allowPrivate, timeout, retries, strings.Join(affiliates, ""))
+		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return cfg
 	}
+	cfg := write(allowPrivate, affiliates...)
 	h, err := catalog.NewHolder(path)
 	if err != nil {
 		t.Fatalf("config does not load: %v\n%s", err, cfg)
 	}
-	return h
+	return h, func(allowPrivate bool, affiliates ...string) {
+		t.Helper()
+		cfg := write(allowPrivate, affiliates...)
+		if err := h.Reload(); err != nil {
+			t.Fatalf("config does not reload: %v\n%s", err, cfg)
+		}
+	}
 }
 
 // testLogger logs through t, so a failing test shows what the dispatcher said.
@@ -259,7 +277,7 @@ func (c *collector) deliveries(t testing.TB, id string) []schemas.Delivery {
 			t.Fatalf("undecodable delivery record %s: %v", m.Value, err)
 		}
 		if !schemas.ValidID(m.Key) {
-			t.Fatalf("delivery record of %s keyed %q, want a click ID", d.ConversionID, m.Key)
+			t.Fatalf("delivery record of %s keyed %q, not an ID", d.ConversionID, m.Key)
 		}
 		if id == "" || d.ConversionID == id {
 			out = append(out, d)
