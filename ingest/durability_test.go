@@ -1,12 +1,15 @@
 package ingest
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -18,6 +21,7 @@ import (
 
 	"github.com/trackstar/trackstar/internal/bus"
 	"github.com/trackstar/trackstar/internal/catalog"
+	"github.com/trackstar/trackstar/internal/ops"
 	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -558,4 +562,71 @@ func TestSlowKafkaSpoolsAfterTheProduceTimeout(t *testing.T) {
 		t.Fatalf("postbacks of one click reached Kafka in the order %v, want %s", order, want)
 	}
 	t.Logf("took %v while frozen; %d postbacks arrived twice", took, dups)
+}
+
+// A request that arrives after shutdown gave up waiting for its connection
+// (a client slow to send it) finds the producer closed. It must get a
+// plain 503 that closes the connection, not a panic and a 500.
+func TestRequestAfterShutdownTimeoutAnswers503(t *testing.T) {
+	broker := testenv.KafkaTopics(t, testPartitions)
+	reg := ops.NewRegistry()
+	e, err := New(Config{
+		Listen:       "127.0.0.1:0",
+		Brokers:      []string{broker},
+		DataDir:      t.TempDir(),
+		Catalog:      testCatalog(t),
+		Registry:     reg,
+		Health:       &ops.Health{},
+		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),
+		WriteTimeout: 200 * time.Millisecond, // how long shutdown waits for connections
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- e.Serve(ctx) }()
+
+	conn, err := net.Dial("tcp", e.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// Half a request: shutdown cannot close this connection as idle.
+	if _, err := io.WriteString(conn, "GET /click?offer_id=1&aff_id=7 HTTP/1.1\r\nHost: edge\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+	// The rest of the request, after the producer and the spool closed.
+	if _, err := io.WriteString(conn, "\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("reading the answer: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 503 || !resp.Close {
+		t.Fatalf("request after shutdown: %d %q (close %v), want 503 closing the connection", resp.StatusCode, body, resp.Close)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "trackstar_edge_panics_total" && mf.GetMetric()[0].GetCounter().GetValue() != 0 {
+			t.Fatalf("panics_total = %v after a request at shutdown", mf.GetMetric()[0].GetCounter().GetValue())
+		}
+	}
 }

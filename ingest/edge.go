@@ -35,6 +35,9 @@ type Edge struct {
 	ops  fasthttp.RequestHandler
 
 	inflight atomic.Int64 // handlers running, so shutdown can wait for them
+	// closing is set once shutdown stops waiting for connections: the
+	// producer closes next, so requests from then on are turned away.
+	closing atomic.Bool
 }
 
 // Run runs an edge until ctx ends, then shuts it down: it stops accepting,
@@ -121,6 +124,12 @@ func (e *Edge) Serve(ctx context.Context) error {
 		cancel()
 		<-served
 	}
+	// A connection shutdown did not wait out (a client still sending its
+	// request when WriteTimeout passed) can still deliver a request. From
+	// here on it gets a 503, before it can reach the producer. guard
+	// counts itself in flight before it looks at closing, so every
+	// handler either sees closing or is waited for below.
+	e.closing.Store(true)
 	// A handler still running owns an answer the client may yet get, so
 	// its event must still reach Kafka or the spool; each takes at most the
 	// produce timeout plus a spool write.
@@ -168,6 +177,11 @@ func (e *Edge) guard(next fasthttp.RequestHandler) fasthttp.RequestHandler {
 		e.inflight.Add(1)
 		defer e.inflight.Add(-1)
 		defer e.finish(ctx, routeOf(ctx.Path()))
+		if e.closing.Load() {
+			ctx.Error("shutting down; try again\n", fasthttp.StatusServiceUnavailable)
+			ctx.SetConnectionClose()
+			return
+		}
 		next(ctx)
 	}
 }
