@@ -108,6 +108,9 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 		return
 	}
 	defer cg.Close()
+	// handedOver is closed when the last generation's commit loop has
+	// returned: its hand-over done and its last commit made.
+	var handedOver chan struct{}
 	for {
 		gen, err := cg.Next(ctx)
 		if err != nil {
@@ -123,6 +126,18 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 			d.log.Warn("consumer group error; rejoining", "group", d.cfg.Group, "err", err)
 			continue
 		}
+		// kafka-go waits for a generation's functions before it rejoins
+		// only when they were started before the generation ended; one
+		// that ended while we set it up (a rebalance right after the
+		// join) runs them anyway, unwaited. Its hand-over would then run
+		// beside this generation, and its revoke drop what this one's
+		// readers queued. So a generation reads nothing before the last
+		// one has handed over.
+		if handedOver != nil {
+			<-handedOver
+		}
+		done := make(chan struct{})
+		handedOver = done
 		d.joined.Store(true)
 		var parts []int
 		trackers := map[int]*offsetTracker{}
@@ -144,6 +159,7 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 		sort.Ints(parts)
 		d.log.Info("joined consumer group", "group", d.cfg.Group, "generation", gen.ID, "partitions", parts)
 		gen.Start(func(gctx context.Context) {
+			defer close(done)
 			d.commitLoop(ctx, gctx, gen, trackers, &readers, rebalance*3/4, heartbeat, drained)
 		})
 	}
