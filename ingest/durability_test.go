@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -629,4 +630,37 @@ func TestRequestAfterShutdownTimeoutAnswers503(t *testing.T) {
 			t.Fatalf("panics_total = %v after a request at shutdown", mf.GetMetric()[0].GetCounter().GetValue())
 		}
 	}
+}
+
+// The drainer produces the spool only once the originals of abandoned
+// events have settled (else a late ack of one could land after its copy's
+// successors). That holds for a handler that abandons its event just
+// after the drainer's wait, before its read of the spool.
+func TestDrainerWaitsForAnEventAbandonedDuringItsRead(t *testing.T) {
+	broker := testenv.KafkaTopics(t, testPartitions)
+	te := startEdge(t, broker, t.TempDir(), nil)
+	p := te.edge.prod
+	first, late := schemas.NewID(time.Now()), schemas.NewID(time.Now())
+	var once sync.Once
+	hook := func() {
+		once.Do(func() {
+			// A handler gives up waiting for Kafka's ack of its event,
+			// which flight still holds, and spools a copy.
+			p.abandoned.Add(1)
+			if err := p.spool.append(topicClicks, []byte(late), []byte(`{"late":true}`), time.Now()); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	p.afterSettled.Store(&hook)
+	// An event spooled while nothing is abandoned sets the drainer going.
+	if err := p.spool.append(topicClicks, []byte(first), []byte(`{"first":true}`), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if got := readTopic(t, broker, bus.TopicClicks); len(got) != 0 {
+		t.Fatalf("the drainer produced %d spooled events while an abandoned event's original was in flight", len(got))
+	}
+	p.abandoned.Add(-1) // the original settles
+	waitRecords(t, broker, bus.TopicClicks, []string{first, late})
 }

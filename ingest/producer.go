@@ -76,6 +76,9 @@ type producer struct {
 	// them. The drainer waits for them to settle so that a late ack of the
 	// original cannot land after the spooled copy's successors.
 	abandoned atomic.Int64
+	// afterSettled, when set (tests only), runs in the drainer between
+	// its wait for abandoned events and its read of the spool.
+	afterSettled atomic.Pointer[func()]
 
 	ctx     context.Context // ends when the producer closes
 	cancel  context.CancelFunc
@@ -295,6 +298,7 @@ func (p *producer) drain() {
 	const batch, batchBytes = 512, 512 << 10
 	backoff := 100 * time.Millisecond
 	drained := 0
+	var waitingSince time.Time // for abandoned events to settle; zero when not waiting
 	for {
 		if !p.spool.active.Load() {
 			select {
@@ -304,8 +308,11 @@ func (p *producer) drain() {
 				continue
 			}
 		}
-		if !p.waitAbandoned() {
+		if !p.waitAbandoned(&waitingSince) {
 			return
+		}
+		if f := p.afterSettled.Load(); f != nil {
+			(*f)()
 		}
 		evs, err := p.spool.read(batch, batchBytes)
 		if err != nil {
@@ -313,6 +320,11 @@ func (p *producer) drain() {
 			if !p.sleep(time.Second, nil) {
 				return
 			}
+			continue
+		}
+		// A handler may have abandoned an event and spooled it between
+		// the wait and the read; then its original is still in flight.
+		if p.abandoned.Load() > 0 && !p.waitedOut(waitingSince) {
 			continue
 		}
 		if len(evs) == 0 {
@@ -351,17 +363,32 @@ func (p *producer) drain() {
 	}
 }
 
+// abandonedMaxWait bounds how long the drainer waits for abandoned events
+// to settle (their produce requests time out well before).
+const abandonedMaxWait = time.Minute
+
 // waitAbandoned waits until flight has settled every event whose handler
-// spooled it, for at most a minute (its produce requests time out well
-// before).
-func (p *producer) waitAbandoned() bool {
-	deadline := time.Now().Add(time.Minute)
-	for p.abandoned.Load() > 0 && time.Now().Before(deadline) {
+// spooled it, or until the drainer has waited abandonedMaxWait since
+// *since, when it began waiting (set here; zeroed once none is left).
+// False once the producer closes.
+func (p *producer) waitAbandoned(since *time.Time) bool {
+	for p.abandoned.Load() > 0 {
+		if since.IsZero() {
+			*since = time.Now()
+		}
+		if p.waitedOut(*since) {
+			return true
+		}
 		if !p.sleep(10*time.Millisecond, nil) {
 			return false
 		}
 	}
+	*since = time.Time{}
 	return true
+}
+
+func (p *producer) waitedOut(since time.Time) bool {
+	return !since.IsZero() && time.Since(since) >= abandonedMaxWait
 }
 
 // sleep waits for d, or until wake (when not nil) fires; false once the
