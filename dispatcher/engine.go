@@ -100,6 +100,10 @@ type engine struct {
 	stopping bool
 	workers  sync.WaitGroup // workers and every other sender on results
 
+	// homed is the config the schedule's hosts were last checked against
+	// (see rehome); nil until the first scan. The scheduler's alone.
+	homed *catalog.Catalog
+
 	pending   atomic.Int64          // schedule entries
 	writeErr  atomic.Pointer[error] // the last failed Kafka write, nil once one succeeds
 	fatalFunc func(error)

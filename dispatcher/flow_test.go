@@ -405,3 +405,48 @@ func TestReloadMovesQueuedJobsToTheNewHost(t *testing.T) {
 		t.Fatalf("the new host got %d requests for the queued conversion, want 1", n)
 	}
 }
+
+// Conversions a paused host sent to the schedule (one to retry, one
+// deferred while the breaker is open) go to the new host as soon as a
+// reload moves the affiliate's URL there, not when the old host's pause
+// ends.
+func TestReloadMovesScheduledJobsToTheNewHost(t *testing.T) {
+	old := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		w.WriteHeader(http.StatusBadGateway)
+	})
+	moved := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat, reload := reloadableHolder(t, true, "5s", "[50ms, 50ms, 50ms]", affiliate(7, old.srv.URL+"/pb?tx={conversion_id}"))
+	startDispatcher(t, dispatcher.Config{
+		Brokers:         []string{addr},
+		Catalog:         cat,
+		HostConcurrency: 1,
+		BreakerFailures: 1,
+		BreakerCooldown: time.Hour,
+	})
+	failed := newConversion(7)
+	produce(t, addr, failed)
+	waitFor(t, "the old host to fail the first conversion", func() bool {
+		return recs.hasOutcome(t, failed.ConversionID, schemas.OutcomeRetrying)
+	})
+	deferred := newConversion(7)
+	produce(t, addr, deferred)
+	time.Sleep(300 * time.Millisecond) // the second finds the breaker open
+	if n := len(old.requests()); n != 1 {
+		t.Fatalf("the paused old host got %d requests, want 1", n)
+	}
+
+	reload(true, affiliate(7, moved.srv.URL+"/pb?tx={conversion_id}"))
+	for _, c := range []schemas.Conversion{failed, deferred} {
+		waitFor(t, "the scheduled conversion to be delivered to the new host", func() bool {
+			return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered)
+		})
+		if n := len(moved.requestsFor(c.ConversionID)); n != 1 {
+			t.Fatalf("the new host got %d requests for a conversion scheduled when the URL moved, want 1", n)
+		}
+	}
+	if n := len(old.requests()); n != 1 {
+		t.Fatalf("the old host got %d requests, want only the first", n)
+	}
+}

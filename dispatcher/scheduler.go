@@ -9,6 +9,7 @@ import (
 
 	"github.com/cockroachdb/pebble/v2"
 
+	"github.com/trackstar/trackstar/internal/catalog"
 	"github.com/trackstar/trackstar/schemas"
 )
 
@@ -45,6 +46,10 @@ func (e *engine) scan() (next time.Time) {
 		if next.IsZero() || t.Before(next) {
 			next = t
 		}
+	}
+	if cat := e.cfg.Catalog.Current(); cat != e.homed {
+		e.rehome(cat)
+		e.homed = cat
 	}
 	now := e.now()
 	it, err := e.store.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixSchedule}, UpperBound: []byte{prefixSchedule + 1}})
@@ -106,6 +111,49 @@ func (e *engine) scan() (next time.Time) {
 		}
 	}
 	return next
+}
+
+// rehome queues, due or not, every schedule entry filed under a host its
+// conversion's postback no longer goes to under cat: a reload moved the
+// affiliate's URL, or the dispatcher restarted with another config. The
+// entry's place and due time are the old host's (its pause, its backoff),
+// which the new host owes nothing. Queued, the job goes to the new host,
+// or back to the schedule under the new host if that one is paused or full
+// (deferJob). An entry whose affiliate gets no postback any more is
+// dropped, as it would be when due. Runs once per config, on the
+// scheduler's next scan.
+func (e *engine) rehome(cat *catalog.Catalog) {
+	it, err := e.store.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixSchedule}, UpperBound: []byte{prefixSchedule + 1}})
+	if err != nil {
+		e.fatal(err)
+		return
+	}
+	defer it.Close()
+	moved := 0
+	for valid := it.First(); valid; valid = it.Next() {
+		host, _, id, ok := parseScheduleKey(it.Key())
+		if !ok {
+			continue // scan drops it
+		}
+		value, err := it.ValueAndErr()
+		if err != nil {
+			e.fatal(fmt.Errorf("cannot read schedule entry: %w", err))
+			return
+		}
+		var sj scheduledJob
+		if json.Unmarshal(value, &sj) != nil {
+			continue // load drops it when due
+		}
+		conv, err := schemas.DecodeConversion(sj.Conversion)
+		if err != nil || currentHost(cat, &conv) == host {
+			continue
+		}
+		e.load(id, it.Key())
+		moved++
+	}
+	if moved > 0 {
+		e.log.Info("config changed partner hosts; scheduled postbacks go to their new hosts", "postbacks", moved)
+	}
 }
 
 // load turns a due schedule entry into a job and queues it, unless the
