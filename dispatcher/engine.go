@@ -624,8 +624,8 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 
 	b := e.store.db.NewBatch()
 	defer b.Close()
-	sync := false
 	var delta int64
+	scheduleChanged := false
 	bucket := bucketOf(now, e.cfg.DedupWindow)
 	schedule := func(j *job, due time.Time, attempt uint32, lastErr string) {
 		v, err := json.Marshal(scheduledJob{Attempt: attempt, LastError: lastErr, Partition: j.partition, Offset: j.offset, Conversion: j.raw})
@@ -639,14 +639,13 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 			_ = b.Set(markerKey(bucket, j.id), nil, nil)
 			delta++
 		}
-		sync = true
+		scheduleChanged = true
 	}
 	finish := func(j *job) {
 		if j.schedKey != nil {
-			// Synced: a lost delete would send the postback once more.
 			_ = b.Delete(j.schedKey, nil)
 			delta--
-			sync = true
+			scheduleChanged = true
 		} else {
 			_ = b.Set(markerKey(bucket, j.id), nil, nil)
 		}
@@ -665,12 +664,14 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 			schedule(r.job, r.due, r.job.attempt, r.job.lastErr)
 		}
 	}
-	opts := pebble.NoSync
-	if sync {
-		opts = pebble.Sync
-	}
+	// Synced, every batch: a lost marker or schedule delete sends the
+	// postback once more, a lost schedule entry loses it once its offset is
+	// committed. Pebble keeps an unsynced write in memory until a later
+	// sync, so a process that is killed, not only a machine that loses
+	// power, loses it. One sync covers the whole batch, and the version
+	// notes written before it (noteVersion).
 	if !b.Empty() {
-		if err := b.Commit(opts); err != nil {
+		if err := b.Commit(pebble.Sync); err != nil {
 			e.fatal(err)
 			for _, r := range batch {
 				e.abandon(r.job)
@@ -702,7 +703,7 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 			e.log.Info("dropping a scheduled delivery the config no longer wants", "conversion_id", r.job.conv.ConversionID, "aff_id", r.job.conv.AffID)
 		}
 	}
-	if sync {
+	if scheduleChanged {
 		e.wakeScheduler()
 	}
 }

@@ -172,9 +172,10 @@ func (s *scheduleStore) latestVersion(conversionID string, now time.Time) (uint3
 
 // noteVersion records that version of conversionID is on its way to the
 // partner. Only updates (version 2 and later) are noted: nothing is older
-// than a version 1. Not synced: a note lost with the machine's power is
-// lost with the not-yet-committed offset that wrote it, and written again
-// on the replay.
+// than a version 1. Synced before the update is queued: were the note
+// lost in a crash after the partner got the update, an older status's
+// retry in the schedule could go out after it before the replay reads the
+// update again.
 func (s *scheduleStore) noteVersion(conversionID string, version uint32, now time.Time) error {
 	if version < 2 {
 		return nil
@@ -183,7 +184,7 @@ func (s *scheduleStore) noteVersion(conversionID string, version uint32, now tim
 	if err != nil || latest >= version {
 		return err
 	}
-	if err := s.db.Set(versionKey(dayOf(now), conversionID), binary.BigEndian.AppendUint32(nil, version), pebble.NoSync); err != nil {
+	if err := s.db.Set(versionKey(dayOf(now), conversionID), binary.BigEndian.AppendUint32(nil, version), pebble.Sync); err != nil {
 		return fmt.Errorf("cannot write version note of %s: %w", conversionID, err)
 	}
 	return nil
