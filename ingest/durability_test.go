@@ -156,7 +156,7 @@ func TestBrokerOutageSpoolsAndDrains(t *testing.T) {
 		t.Helper()
 		for range n {
 			sent++
-			if r := get(t, fmt.Sprintf("%s/postback?token=shop-token&click_id=%s&txn_id=%d", te.url, orderedClick, sent)); r.code != 200 {
+			if r := get(t, fmt.Sprintf("%s/postback?token=shop-token&amount=0&click_id=%s&txn_id=%d", te.url, orderedClick, sent)); r.code != 200 {
 				t.Fatalf("postback %d: %d %q", sent, r.code, r.body)
 			}
 		}
@@ -387,7 +387,7 @@ func TestSpoolFullAnswers503(t *testing.T) {
 	if r.code != 503 || r.location != "" || !strings.Contains(r.body, "the click could not be recorded; try again") {
 		t.Fatalf("click with Kafka down and the spool full: %d %q", r.code, r.body)
 	}
-	r = get(t, te.url+"/postback?token=shop-token&click_id="+schemas.NewID(time.Now()))
+	r = get(t, te.url+"/postback?token=shop-token&amount=0&click_id="+schemas.NewID(time.Now()))
 	if r.code != 503 || r.body != `{"status":"error","error":"the postback could not be recorded; try again"}`+"\n" {
 		t.Fatalf("postback with Kafka down and the spool full: %d %q", r.code, r.body)
 	}
@@ -544,7 +544,7 @@ func TestSlowKafkaSpoolsAfterTheProduceTimeout(t *testing.T) {
 		t.Helper()
 		for range n {
 			sent++
-			if r := get(t, fmt.Sprintf("%s/postback?token=shop-token&click_id=%s&txn_id=%d", te.url, orderedClick, sent)); r.code != 200 {
+			if r := get(t, fmt.Sprintf("%s/postback?token=shop-token&amount=0&click_id=%s&txn_id=%d", te.url, orderedClick, sent)); r.code != 200 {
 				t.Fatalf("postback %d: %d %q", sent, r.code, r.body)
 			}
 		}

@@ -398,9 +398,7 @@ func buildPostback(ev *event, req *postbackRequest, advertiserID uint32, ip neti
 	// ev.text holds the IP, the amount and the currency, side by side.
 	t := ip.AppendTo(ev.text[:0])
 	ipEnd := len(t)
-	if req.hasAmount {
-		t = req.amount.Append(t)
-	}
+	t = req.amount.Append(t)
 	amountEnd := len(t)
 	if req.currency[0] != 0 {
 		t = append(t, req.currency[:]...)

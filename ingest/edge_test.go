@@ -151,7 +151,7 @@ func TestClientIP(t *testing.T) {
 	id = schemas.NewID(time.Now())
 	pb := func(te *testEdge, xff string) int {
 		t.Helper()
-		return do(t, "GET", te.url+"/postback?click_id="+id+"&token=locked-token", "", "", map[string]string{"X-Forwarded-For": xff}).code
+		return do(t, "GET", te.url+"/postback?amount=0&click_id="+id+"&token=locked-token", "", "", map[string]string{"X-Forwarded-For": xff}).code
 	}
 	if code := pb(direct, "203.0.113.5"); code != 403 {
 		t.Fatalf("postback from 127.0.0.1 claiming 203.0.113.5 without TrustProxy: %d, want 403", code)
@@ -209,20 +209,20 @@ func TestPostbackAliasesAndFields(t *testing.T) {
 	}
 	// Every alias of click_id.
 	for _, name := range []string{"click_id", "transaction_id", "clickid", "cid", "subid"} {
-		f("GET", "/postback", name+"=CID&token=shop-token", "", "", want{})
+		f("GET", "/postback", name+"=CID&token=shop-token&amount=0", "", "", want{amount: "0"})
 	}
 	// Every alias of goal, amount, txn_id and token.
 	for _, name := range []string{"goal", "goal_id", "event"} {
-		f("GET", "/postback", "click_id=CID&token=shop-token&"+name+"=sale", "", "", want{goal: "sale"})
+		f("GET", "/postback", "click_id=CID&token=shop-token&amount=0&"+name+"=sale", "", "", want{goal: "sale", amount: "0"})
 	}
 	for _, name := range []string{"amount", "sum", "sale_amount"} {
 		f("GET", "/postback", "click_id=CID&token=shop-token&"+name+"=019.990", "", "", want{amount: "19.99"})
 	}
 	for _, name := range []string{"txn_id", "order_id", "tid", "txid", "adv_sub"} {
-		f("GET", "/postback", "click_id=CID&token=shop-token&"+name+"=T-1%20x", "", "", want{txnID: "T-1 x"})
+		f("GET", "/postback", "click_id=CID&token=shop-token&amount=0&"+name+"=T-1%20x", "", "", want{txnID: "T-1 x", amount: "0"})
 	}
 	for _, name := range []string{"token", "security_token", "verification_token"} {
-		f("GET", "/postback", "click_id=CID&"+name+"=shop-token", "", "", want{})
+		f("GET", "/postback", "click_id=CID&amount=0&"+name+"=shop-token", "", "", want{amount: "0"})
 	}
 	// Everything at once, normalised: the amount, the currency's case, the
 	// status's case, an upper-case click ID (stored lower case).
@@ -233,14 +233,14 @@ func TestPostbackAliasesAndFields(t *testing.T) {
 	f("GET", "/postback", "click_id=&cid=CID&amount=&sum=3&token=shop-token", "", "", want{amount: "3"})
 	// POST: a form body, a body without a content type, and body over query.
 	f("POST", "/postback", "", "application/x-www-form-urlencoded", "click_id=CID&token=shop-token&amount=12.34&currency=USD", want{amount: "12.34", currency: "USD"})
-	f("POST", "/postback", "", "", "clickid=CID&security_token=shop-token&goal=sale", want{goal: "sale"})
+	f("POST", "/postback", "", "", "clickid=CID&security_token=shop-token&goal=sale&sum=2", want{goal: "sale", amount: "2"})
 	f("POST", "/postback", "goal=query&amount=1", "application/x-www-form-urlencoded; charset=utf-8", "click_id=CID&token=shop-token&goal=body", want{goal: "body", amount: "1"})
 	// HasOffers paths.
 	f("GET", "/aff_lsr", "transaction_id=CID&amount=7.25&adv_sub=ord-1&security_token=shop-token", "", "", want{amount: "7.25", txnID: "ord-1"})
 	f("GET", "/aff_goal", "a=lsr&goal_id=sale&transaction_id=CID&amount=100&adv_sub=ord-2&security_token=shop-token", "", "", want{goal: "sale", amount: "100", txnID: "ord-2"})
-	f("POST", "/aff_goal", "a=lsr", "application/x-www-form-urlencoded", "goal_id=lead&transaction_id=CID&security_token=shop-token", want{goal: "lead"})
+	f("POST", "/aff_goal", "a=lsr", "application/x-www-form-urlencoded", "goal_id=lead&transaction_id=CID&security_token=shop-token&amount=0", want{goal: "lead", amount: "0"})
 	// The upper-case spelling of a click ID is the same click.
-	f("GET", "/postback", "click_id=CID&token=shop-token", "", "", want{})
+	f("GET", "/postback", "click_id=CID&token=shop-token&amount=0", "", "", want{amount: "0"})
 	clickIDs[eventIDs[len(eventIDs)-1]] = strings.ToLower(clickIDs[eventIDs[len(eventIDs)-1]])
 
 	var keys []string
@@ -282,7 +282,7 @@ func TestUpperCaseClickIDKeysLikeItsClick(t *testing.T) {
 	te := startEdge(t, broker, t.TempDir(), nil)
 	r := get(t, te.url+"/click?offer_id=1&aff_id=7")
 	id := clickIDOf(t, r.location)
-	r = get(t, te.url+"/postback?token=shop-token&click_id="+strings.ToUpper(id))
+	r = get(t, te.url+"/postback?token=shop-token&amount=0&click_id="+strings.ToUpper(id))
 	if r.code != 200 {
 		t.Fatalf("postback: %d %s", r.code, r.body)
 	}
@@ -341,21 +341,23 @@ func TestRejections(t *testing.T) {
 	pb("GET", "/postback", "amount=1"+tok, "", "", 400, "click_id", "missing; send click_id (or transaction_id, clickid, cid, subid)")
 	pb("GET", "/postback", "click_id=not-an-id"+tok, "", "", 400, "click_id", `not a Trackstar click ID (26 characters of base32), got "not-an-id"`)
 	pb("GET", "/postback", "cid="+id[:25]+"u"+tok, "", "", 400, "cid", "not a Trackstar click ID")
+	pb("GET", "/postback", "click_id="+id+tok, "", "", 400, "amount", "missing; send amount (or sum, sale_amount)")
+	pb("GET", "/postback", "click_id="+id+"&sale_amount="+tok, "", "", 400, "amount", "missing")
 	pb("GET", "/postback", "click_id="+id+"&amount=12,50"+tok, "", "", 400, "amount", `not a plain decimal number with at most 4 decimal places, got "12,50"`)
 	pb("GET", "/postback", "click_id="+id+"&amount=1e3"+tok, "", "", 400, "amount", "not a plain decimal")
 	pb("GET", "/postback", "click_id="+id+"&amount=1.23456"+tok, "", "", 400, "amount", "at most 4 decimal places")
 	pb("GET", "/postback", "click_id="+id+"&sum=-1"+tok, "", "", 400, "sum", `must not be negative, got "-1"`)
 	pb("GET", "/postback", "click_id="+id+"&amount=100000000000000"+tok, "", "", 400, "amount", `must be at most 99999999999999.9999, got "100000000000000"`)
-	pb("GET", "/postback", "click_id="+id+"&currency=US"+tok, "", "", 400, "currency", "three-letter ISO 4217 code")
-	pb("GET", "/postback", "click_id="+id+"&currency=U$D"+tok, "", "", 400, "currency", "three-letter ISO 4217 code")
-	pb("GET", "/postback", "click_id="+id+"&status=paid"+tok, "", "", 400, "status", `must be approved, pending or rejected, got "paid"`)
-	pb("GET", "/postback", "click_id="+id+"&goal_id="+long+tok, "", "", 400, "goal_id", "longer than 500 bytes")
-	pb("GET", "/postback", "click_id="+id+"&order_id="+long+tok, "", "", 400, "order_id", "longer than 500 bytes")
+	pb("GET", "/postback", "amount=1&click_id="+id+"&currency=US"+tok, "", "", 400, "currency", "three-letter ISO 4217 code")
+	pb("GET", "/postback", "amount=1&click_id="+id+"&currency=U$D"+tok, "", "", 400, "currency", "three-letter ISO 4217 code")
+	pb("GET", "/postback", "amount=1&click_id="+id+"&status=paid"+tok, "", "", 400, "status", `must be approved, pending or rejected, got "paid"`)
+	pb("GET", "/postback", "amount=1&click_id="+id+"&goal_id="+long+tok, "", "", 400, "goal_id", "longer than 500 bytes")
+	pb("GET", "/postback", "amount=1&click_id="+id+"&order_id="+long+tok, "", "", 400, "order_id", "longer than 500 bytes")
 	pb("GET", "/aff_goal", "goal_id=sale&transaction_id="+id+tok, "", "", 400, "a", "must be lsr")
 	pb("GET", "/aff_goal", "a=lsr&transaction_id="+id+tok, "", "", 400, "goal_id", "missing")
-	pb("GET", "/postback", "click_id="+id, "", "", 403, "token", "missing; send token (or security_token, verification_token)")
-	pb("GET", "/postback", "click_id="+id+"&token=guess", "", "", 403, "token", "unknown token")
-	pb("GET", "/postback", "click_id="+id+"&token=locked-token", "", "", 403, "ip", "not accepted from 127.0.0.1")
+	pb("GET", "/postback", "amount=1&click_id="+id, "", "", 403, "token", "missing; send token (or security_token, verification_token)")
+	pb("GET", "/postback", "amount=1&click_id="+id+"&token=guess", "", "", 403, "token", "unknown token")
+	pb("GET", "/postback", "amount=1&click_id="+id+"&token=locked-token", "", "", 403, "ip", "not accepted from 127.0.0.1")
 	pb("POST", "/postback", "", "application/json", `{"click_id":"`+id+`"}`, 415, "content-type", "application/x-www-form-urlencoded")
 
 	// Methods, paths and HTTP itself.
@@ -383,7 +385,7 @@ func TestRejections(t *testing.T) {
 	// topics hold exactly those (and the one 500-byte click above).
 	ok := get(t, te.url+"/click?offer_id=2&aff_id=7")
 	lastID := clickIDOf(t, ok.location)
-	if r := get(t, te.url+"/postback?click_id="+lastID+tok); r.code != 200 {
+	if r := get(t, te.url+"/postback?amount=0&click_id="+lastID+tok); r.code != 200 {
 		t.Fatalf("postback: %d %s", r.code, r.body)
 	}
 	waitRecords(t, broker, bus.TopicClicks, []string{lastID})

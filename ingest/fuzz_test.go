@@ -23,19 +23,20 @@ func FuzzParsePostback(f *testing.F) {
 		goalRoute   bool
 	}{
 		{"click_id=" + id + "&token=t", "", false},
+		{"click_id=" + id + "&amount=0&token=t", "", false},
 		{"transaction_id=" + strings.ToUpper(id) + "&amount=19.99&currency=usd&status=Pending", "", false},
 		{"", "cid=" + id + "&sum=0.0001&txn_id=a%20b&goal=sale", false},
-		{"a=lsr&goal_id=lead&transaction_id=" + id, "adv_sub=x", true},
+		{"a=lsr&goal_id=lead&transaction_id=" + id, "adv_sub=x&amount=2", true},
 		{"a=lsr", "", true},
 		{"click_id=" + id + "&amount=-1", "", false},
 		{"click_id=" + id + "&amount=1e9", "", false},
 		{"click_id=" + id + "&amount=99999999999999999999", "", false},
 		{"click_id=" + id + "&amount=922337203685477.5807", "", false},
 		{"click_id=" + id + "&amount=99999999999999.9999", "", false},
-		{"click_id=" + id + "&currency=%FF%FEx", "", false},
-		{"click_id=" + id + "&goal=%ff%fe%00", "", false},
+		{"click_id=" + id + "&amount=1&currency=%FF%FEx", "", false},
+		{"click_id=" + id + "&amount=1&goal=%ff%fe%00", "", false},
 		{"click_id=%00&&&===&%", "%zz", false},
-		{"subid=" + id + "&event=" + strings.Repeat("g", 501), "", false},
+		{"subid=" + id + "&amount=1&event=" + strings.Repeat("g", 501), "", false},
 	} {
 		f.Add(s.query, s.body, s.goalRoute)
 	}
@@ -57,7 +58,7 @@ func FuzzParsePostback(f *testing.F) {
 		if !schemas.ValidID(req.clickID) {
 			t.Fatalf("accepted click ID %q", req.clickID)
 		}
-		if req.hasAmount && (req.amount < 0 || req.amount > schemas.MaxAmount) {
+		if req.amount < 0 || req.amount > schemas.MaxAmount {
 			t.Fatalf("accepted amount %v, outside 0..MaxAmount", req.amount)
 		}
 		if len(req.goal) > 500 || len(req.txnID) > 500 || goalRoute && len(req.goal) == 0 {
@@ -84,12 +85,8 @@ func FuzzParsePostback(f *testing.F) {
 			p.TS != now.UnixMilli() || p.AdvertiserID != 3 || p.Status != req.status || p.IP != "2001:db8::7" {
 			t.Fatalf("record %+v from %+v", p, req)
 		}
-		if req.hasAmount {
-			if a, err := schemas.ParseAmount(p.Amount); err != nil || a != req.amount {
-				t.Fatalf("amount %q in the record, %v parsed", p.Amount, req.amount)
-			}
-		} else if p.Amount != "" {
-			t.Fatalf("amount %q without one sent", p.Amount)
+		if a, err := schemas.ParseAmount(p.Amount); err != nil || a != req.amount {
+			t.Fatalf("amount %q in the record, %v parsed", p.Amount, req.amount)
 		}
 		if utf8.Valid(req.goal) && p.Goal != string(req.goal) || utf8.Valid(req.txnID) && p.TxnID != string(req.txnID) {
 			t.Fatalf("goal %q / txn_id %q became %q / %q", req.goal, req.txnID, p.Goal, p.TxnID)

@@ -118,14 +118,13 @@ func quoteShort(b []byte) string {
 // postbackRequest is a parsed, validated postback. Its byte slices point
 // into the request and are valid only while the handler runs.
 type postbackRequest struct {
-	clickID   []byte // as sent; upper case is accepted and stored lower
-	goal      []byte
-	amount    schemas.Amount
-	hasAmount bool
-	currency  [3]byte // upper case; zero when not sent
-	txnID     []byte
-	status    string
-	token     []byte
+	clickID  []byte // as sent; upper case is accepted and stored lower
+	goal     []byte
+	amount   schemas.Amount
+	currency [3]byte // upper case; zero when not sent
+	txnID    []byte
+	status   string
+	token    []byte
 }
 
 // The parameter names of DESIGN.md, the canonical one first. When a
@@ -183,20 +182,21 @@ func parsePostback(query, form *fasthttp.Args, goalRoute bool, maxLen int) (post
 		return p, badRequest("goal_id", "missing; /aff_goal needs the goal")
 	}
 
-	var amount []byte
-	if amount, name = lookup(form, query, amountNames); len(amount) > 0 {
-		a, err := schemas.ParseAmountBytes(amount)
-		if err != nil {
-			return p, badRequest(name, "not a plain decimal number with at most 4 decimal places, got "+quoteShort(amount))
-		}
-		if a < 0 {
-			return p, badRequest(name, "must not be negative, got "+quoteShort(amount))
-		}
-		if a > schemas.MaxAmount {
-			return p, badRequest(name, "must be at most 99999999999999.9999, got "+quoteShort(amount))
-		}
-		p.amount, p.hasAmount = a, true
+	amount, name := lookup(form, query, amountNames)
+	if len(amount) == 0 {
+		return p, badRequest("amount", "missing; send amount (or sum, sale_amount): the sale's value, 0 when it has none")
 	}
+	a, err := schemas.ParseAmountBytes(amount)
+	if err != nil {
+		return p, badRequest(name, "not a plain decimal number with at most 4 decimal places, got "+quoteShort(amount))
+	}
+	if a < 0 {
+		return p, badRequest(name, "must not be negative, got "+quoteShort(amount))
+	}
+	if a > schemas.MaxAmount {
+		return p, badRequest(name, "must be at most 99999999999999.9999, got "+quoteShort(amount))
+	}
+	p.amount = a
 
 	if cur, _ := lookup(form, query, []string{"currency"}); len(cur) > 0 {
 		if len(cur) != 3 || !isLetter(cur[0]) || !isLetter(cur[1]) || !isLetter(cur[2]) {

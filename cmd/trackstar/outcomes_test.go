@@ -48,7 +48,7 @@ func TestEndToEndEveryOutcome(t *testing.T) {
 		return id
 	}
 	postback := func(clickID, token string, params ...string) {
-		q := url.Values{"click_id": {clickID}, "token": {token}}
+		q := url.Values{"click_id": {clickID}, "token": {token}, "amount": {"0"}}
 		for i := 0; i+1 < len(params); i += 2 {
 			q.Set(params[i], params[i+1])
 		}
