@@ -1,6 +1,8 @@
 package main
 
 import (
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -94,5 +96,41 @@ func TestStopWhileWaitingForKafka(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "stopped before start-up finished") {
 		t.Fatalf("no word of the stop in the log:\n%s", logs.String())
+	}
+}
+
+// `trackstar all` with ClickHouse away at start: the edge is ready (it
+// lands every event in Kafka), and /readyz lists the loader waiting for the
+// schema, as it does for a loader that loses ClickHouse later.
+func TestAllListsALoaderWaitingForClickHouse(t *testing.T) {
+	edge := freeAddr(t)
+	cmd := exec.Command(os.Args[0], "all", "--config", "../../examples/trackstar.yaml", "--listen", edge,
+		"--embedded-broker", freeAddr(t), "--data", t.TempDir(), "--clickhouse", freeAddr(t), "--log-level", "warn")
+	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
+	var logs testenv.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("trackstar log:\n%s", logs.String())
+		}
+	})
+	var body string
+	waitUntil(t, 60*time.Second, "/readyz lists the loader", func() bool {
+		resp, err := http.Get("http://" + edge + "/readyz")
+		if err != nil {
+			return false
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		body = string(b)
+		return resp.StatusCode == 200 && strings.Contains(body, "loader: waiting for the ClickHouse schema: cannot reach ClickHouse at ")
+	}, func() { t.Logf("last /readyz: %q", body) })
+	if !strings.HasPrefix(body, "ready\n") {
+		t.Fatalf("/readyz body %q", body)
 	}
 }

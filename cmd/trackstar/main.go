@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -247,7 +248,7 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 			if cmd == "all" {
 				// One process for the demo: create the schema first, and keep
 				// trying while ClickHouse is away; the other roles go on.
-				migrateUntilDone(ctx, o, log)
+				migrateUntilDone(ctx, o, health, log)
 			}
 			return warehouse.RunLoader(ctx, warehouse.LoaderConfig{
 				Brokers: brokers, ClickHouse: o.clickhouse, Database: o.database,
@@ -320,12 +321,23 @@ func ensureTopics(ctx context.Context, o options, brokers []string, holder *cata
 	return lastErr
 }
 
-func migrateUntilDone(ctx context.Context, o options, log *slog.Logger) {
+// migrateUntilDone applies the schema, retrying while ClickHouse is away.
+// Meanwhile the loader's readiness check says so (the loader replaces it
+// with its own once it starts), so that /readyz lists it.
+func migrateUntilDone(ctx context.Context, o options, health *ops.Health, log *slog.Logger) {
+	var last atomic.Pointer[error]
+	health.Register("loader", func() error {
+		if err := last.Load(); err != nil {
+			return fmt.Errorf("waiting for the ClickHouse schema: %w", *err)
+		}
+		return errors.New("creating the ClickHouse schema")
+	})
 	for wait := time.Second; ; wait = min(2*wait, 30*time.Second) {
 		err := warehouse.Migrate(ctx, o.clickhouse, o.database)
 		if err == nil {
 			return
 		}
+		last.Store(&err)
 		log.Warn("cannot migrate ClickHouse schema yet; analytics wait, the pipeline goes on", "err", err, "retry_in", wait)
 		select {
 		case <-ctx.Done():

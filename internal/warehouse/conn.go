@@ -44,6 +44,9 @@ func Open(ctx context.Context, addr, database string) (driver.Conn, error) {
 	}
 	if err := conn.Ping(ctx); err != nil {
 		_ = conn.Close()
+		if database == "" {
+			return nil, fmt.Errorf("cannot reach ClickHouse at %s: %w", addr, err)
+		}
 		return nil, fmt.Errorf("cannot reach ClickHouse at %s (database %q): %w", addr, database, err)
 	}
 	return conn, nil
