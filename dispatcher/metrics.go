@@ -1,6 +1,11 @@
 package dispatcher
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/schemas"
+)
 
 type metrics struct {
 	conversions    *prometheus.CounterVec // consumed, by what became of them
@@ -21,7 +26,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	m := &metrics{
 		conversions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "trackstar_dispatcher_conversions_total",
-			Help: "Conversions consumed, by result: queued (to be delivered), not_wanted (the affiliate has no postback for its status or goal), duplicate (already handled), invalid (undecodable), dropped (a scheduled retry whose postback the config no longer wants).",
+			Help: "Conversions consumed, by result: queued (to be delivered), not_wanted (the affiliate has no postback for its status or goal), duplicate (already handled), invalid (undecodable), dropped (a scheduled retry whose postback the config no longer wants), superseded (an older status not sent after a newer one).",
 		}, []string{"result"}),
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "trackstar_dispatcher_deliveries_total",
@@ -68,6 +73,20 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "trackstar_dispatcher_write_errors_total",
 			Help: "Failed writes of delivery records and dead letters to Kafka (each is retried), by topic.",
 		}, []string{"topic"}),
+	}
+	// Every series with a known label set exists from the start, at 0, so
+	// that a dashboard or an alert on a rate finds it before its first event.
+	for _, r := range []string{"queued", "not_wanted", "duplicate", "invalid", "dropped", "superseded"} {
+		m.conversions.WithLabelValues(r)
+	}
+	for _, o := range []string{schemas.OutcomeDelivered, schemas.OutcomeRetrying, schemas.OutcomeFailed, schemas.OutcomeDead} {
+		m.deliveries.WithLabelValues(o)
+	}
+	for _, r := range []string{"queue_full", "breaker_open"} {
+		m.deferred.WithLabelValues(r)
+	}
+	for _, t := range []string{bus.TopicDeliveries, bus.TopicDLQ} {
+		m.writeErrors.WithLabelValues(t)
 	}
 	reg.MustRegister(m.conversions, m.deliveries, m.latency, m.queueDepth, m.inflight, m.retriesPending,
 		m.deferred, m.breakerState, m.breakerTrips, m.refused, m.commitErrors, m.writeErrors)

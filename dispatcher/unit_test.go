@@ -278,3 +278,28 @@ func TestReleaseMarksOffsetsBeforeIdle(t *testing.T) {
 		t.Fatalf("position %d after the release, want 1", pos)
 	}
 }
+
+// Every labelled series whose labels are known in advance is exported from
+// the start, at 0.
+func TestMetricsExistBeforeTheirFirstEvent(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	newMetrics(reg)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	series := map[string]int{}
+	for _, mf := range mfs {
+		series[mf.GetName()] = len(mf.GetMetric())
+	}
+	for name, want := range map[string]int{
+		"trackstar_dispatcher_conversions_total":  6,
+		"trackstar_dispatcher_deliveries_total":   4,
+		"trackstar_dispatcher_deferred_total":     2,
+		"trackstar_dispatcher_write_errors_total": 2,
+	} {
+		if series[name] != want {
+			t.Errorf("%s: %d series at start, want %d", name, series[name], want)
+		}
+	}
+}
