@@ -6,6 +6,11 @@
 #   scripts/run-local.sh              # listens on :8080, state under ./data
 #   TRACKSTAR_LISTEN=:9080 TRACKSTAR_DATA=/tmp/ts scripts/run-local.sh
 #
+# Also: TRACKSTAR_CONFIG (examples/trackstar.yaml), TRACKSTAR_EMBEDDED_BROKER
+# (127.0.0.1:9092, where the embedded broker listens) and
+# TRACKSTAR_CLICKHOUSE (127.0.0.1:9000: a ClickHouse to use if one answers
+# there). Needs Go and curl; as root it installs curl when it is missing.
+#
 # It prints a click URL and a postback URL that work against it. Ctrl-C stops
 # trackstar and the ClickHouse it started (one it found running is left alone).
 set -euo pipefail
@@ -19,6 +24,17 @@ port="${listen##*:}"
 embedded="${TRACKSTAR_EMBEDDED_BROKER:-127.0.0.1:9092}"
 export TRACKSTAR_EMBEDDED_BROKER="$embedded"
 mkdir -p "$data" bin
+
+if ! command -v curl >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing curl"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null 2>&1 ||
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
+  else
+    echo "run-local: needs curl; install it (apt-get install curl) or run as root" >&2
+    exit 1
+  fi
+fi
 
 echo "==> building trackstar"
 go build -o bin/trackstar ./cmd/trackstar
@@ -72,7 +88,7 @@ Trackstar is running. Try:
 
   click URL     $click_url
                 (answered 302 -> $location)
-  postback URL  $base/postback?click_id=$click_id&goal=sale&amount=19.99&txn_id=order-1&token=demo-shop-token
+  postback URL  $base/postback?click_id=$click_id&goal=sale&amount=19.99&txn_id=order-$click_id&token=demo-shop-token
   report        bin/trackstar report --clickhouse $ch
   metrics       $base/metrics    readiness  $base/readyz
   Kafka         the embedded broker speaks the Kafka protocol on $embedded
