@@ -196,7 +196,9 @@ func (e *Edge) handle(ctx *fasthttp.RequestCtx) {
 		e.click(ctx, r == routeAffC)
 	case routePostback, routeAffLsr, routeAffGoal:
 		if !ctx.IsGet() && !ctx.IsPost() {
-			methodNotAllowed(ctx, "GET, POST")
+			jsonError(ctx, &requestError{status: fasthttp.StatusMethodNotAllowed, field: "method",
+				msg: "method not allowed; use GET, POST"})
+			ctx.Response.Header.Set("Allow", "GET, POST")
 			return
 		}
 		e.postback(ctx, r == routeAffGoal)

@@ -372,7 +372,10 @@ func TestRejections(t *testing.T) {
 	if r.header.Get("Allow") != "GET" {
 		t.Fatalf("405 without Allow: GET: %v", r.header)
 	}
-	plain(do(t, "PUT", te.url+"/postback?click_id="+id+tok, "", "", nil), 405, "use GET, POST")
+	pb("PUT", "/postback", "click_id="+id+tok, "", "", 405, "method", "method not allowed; use GET, POST")
+	if r := do(t, "PUT", te.url+"/postback?click_id="+id+tok, "", "", nil); r.header.Get("Allow") != "GET, POST" {
+		t.Fatalf("405 of a postback without Allow: GET, POST: %v", r.header)
+	}
 	plain(get(t, te.url+"/nope"), 404, "not found")
 	host := strings.TrimPrefix(te.url, "http://")
 	plain(rawRequest(t, host, "POST /postback HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 70000\r\n\r\n"+strings.Repeat("a", 70000)),
