@@ -52,9 +52,9 @@ type hostQueue struct {
 type resultKind int
 
 const (
-	resAttempt resultKind = iota // an attempt was made; rec says how it went
+	resAttempt resultKind = iota // an attempt, or a record of why none is made (superseded, not wanted); rec says which
 	resDefer                     // no attempt: wait in the schedule until due
-	resDrop                      // no attempt: the config no longer wants it
+	resDrop                      // no attempt, no record: a job not yet attempted that the config no longer wants, or a broken schedule entry
 )
 
 // result is what the finalizer makes durable for one job.
@@ -698,9 +698,6 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 				e.log.Warn("partner postback dead-lettered after the last retry", "conversion_id", r.rec.ConversionID,
 					"aff_id", r.rec.AffID, "host", r.job.host, "attempts", r.rec.Attempt, "error", r.rec.Error)
 			}
-		case resDrop:
-			e.metrics.conversions.WithLabelValues("dropped").Inc()
-			e.log.Info("dropping a scheduled delivery the config no longer wants", "conversion_id", r.job.conv.ConversionID, "aff_id", r.job.conv.AffID)
 		}
 	}
 	if scheduleChanged {

@@ -450,3 +450,36 @@ func TestReloadMovesScheduledJobsToTheNewHost(t *testing.T) {
 		t.Fatalf("the old host got %d requests, want only the first", n)
 	}
 }
+
+// A retry whose affiliate a reload stops sending postbacks to ends with a
+// record saying so, not with its last "retrying" one.
+func TestRetryTheConfigNoLongerWantsEndsWithARecord(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		w.WriteHeader(http.StatusBadGateway)
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat, reload := reloadableHolder(t, true, "5s", "[300ms, 300ms, 300ms]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+	c := newConversion(7)
+	produce(t, addr, c)
+	waitFor(t, "the first attempt recorded as retrying", func() bool {
+		return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeRetrying)
+	})
+	reload(true, "  - id: 7\n    name: No postback any more\n")
+	waitFor(t, "a last record for the retry", func() bool {
+		return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeFailed)
+	})
+	time.Sleep(time.Second) // no attempt follows
+	ds := recs.deliveries(t, c.ConversionID)
+	last := ds[len(ds)-1]
+	if last.Outcome != schemas.OutcomeFailed || last.Error != "not sent: the config no longer sends this conversion to its affiliate" ||
+		last.Attempt != ds[len(ds)-2].Attempt+1 {
+		t.Fatalf("records %+v; want the last one failed, not sent, one attempt after the one before", ds)
+	}
+	for _, d := range ds[:len(ds)-1] {
+		if d.Outcome != schemas.OutcomeRetrying {
+			t.Fatalf("records %+v; want retrying ones before the last", ds)
+		}
+	}
+}

@@ -186,7 +186,7 @@ func (e *engine) load(id string, key []byte) bool {
 	closer.Close()
 	if err != nil {
 		e.log.Error("dropping a schedule entry that cannot be decoded", "key", key, "err", err)
-		e.drop(&job{id: id, schedKey: key})
+		e.drop(result{kind: resDrop, job: &job{id: id, schedKey: key}})
 		return false
 	}
 	j := &job{
@@ -195,21 +195,40 @@ func (e *engine) load(id string, key []byte) bool {
 	}
 	pb := postbackFor(e.cfg.Catalog.Current(), &conv)
 	if pb == nil {
-		e.drop(j)
+		e.drop(e.notWanted(j))
 		return false
 	}
 	j.host = hostOf(pb.URL.Append(nil, valuesOf(&conv)))
 	return e.enqueue(j)
 }
 
-// drop has the finalizer delete a schedule entry without an attempt.
-func (e *engine) drop(j *job) {
+// drop hands the finalizer r, which ends a schedule entry without an
+// attempt (resDrop, or notWanted's record).
+func (e *engine) drop(r result) {
 	e.mu.Lock()
-	if _, busy := e.jobs[j.id]; busy {
+	if _, busy := e.jobs[r.job.id]; busy {
 		e.mu.Unlock()
 		return
 	}
-	e.putLocked(j)
+	e.putLocked(r.job)
 	e.mu.Unlock()
-	e.send(result{kind: resDrop, job: j})
+	e.send(r)
+}
+
+// notWanted ends j, whose affiliate the config no longer sends it to. A
+// retry (attempt 2 or later) gets a last record, failed, saying so: its
+// earlier attempts are recorded as retrying, and postback_deliveries
+// would otherwise end there.
+func (e *engine) notWanted(j *job) result {
+	c := &j.conv
+	e.metrics.conversions.WithLabelValues("dropped").Inc()
+	e.log.Info("dropping a scheduled delivery the config no longer wants", "conversion_id", c.ConversionID, "aff_id", c.AffID)
+	if j.attempt < 2 {
+		return result{kind: resDrop, job: j}
+	}
+	return result{kind: resAttempt, job: j, rec: schemas.Delivery{
+		V: schemas.Version, ConversionID: c.ConversionID, Version: c.Version, Status: c.Status,
+		AffID: c.AffID, Attempt: j.attempt, TS: e.now().UnixMilli(),
+		Outcome: schemas.OutcomeFailed, Error: "not sent: the config no longer sends this conversion to its affiliate",
+	}}
 }

@@ -43,7 +43,7 @@ func (e *engine) attempt(j *job) (result, verdict) {
 	cat := e.cfg.Catalog.Current()
 	pb := postbackFor(cat, &j.conv)
 	if pb == nil {
-		return result{kind: resDrop, job: j}, verdictNone
+		return e.notWanted(j), verdictNone
 	}
 	c := &j.conv
 	start := e.now()
