@@ -167,8 +167,10 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 	if cmd != "all" && len(brokers) == 0 {
 		return fmt.Errorf("%s: --brokers is required (only 'all' starts an embedded broker)", cmd)
 	}
-	if err := os.MkdirAll(o.data, 0o755); err != nil {
-		return fmt.Errorf("cannot create data dir %q: %w", o.data, err)
+	if cmd != "loader" { // the loader keeps no local state
+		if err := os.MkdirAll(o.data, 0o755); err != nil {
+			return fmt.Errorf("cannot create data dir %q: %w", o.data, err)
+		}
 	}
 
 	var holder *catalog.Holder
