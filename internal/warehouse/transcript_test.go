@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"reflect"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -100,6 +101,16 @@ func TestSQLTranscript(t *testing.T) {
 			schemas.EncodeDelivery(schemas.Delivery{V: schemas.Version, ConversionID: "v1", Version: 2, Status: "approved", AffID: 7,
 				Attempt: 1, TS: at(10*time.Hour + 15*time.Minute + time.Second), Method: "GET", URL: "https://p.example/pb?c=c1&s=a%20b",
 				StatusCode: 200, DurationMS: 12, Outcome: "delivered"}),
+			// The pending version, held back behind the approval.
+			schemas.EncodeDelivery(schemas.Delivery{V: schemas.Version, ConversionID: "v1", Version: 1, Status: "pending", AffID: 7,
+				Attempt: 2, TS: at(10*time.Hour + 16*time.Minute), Outcome: "failed", Error: "not sent: superseded by version 2 of the conversion"}),
+			// A postback that never got through.
+			schemas.EncodeDelivery(schemas.Delivery{V: schemas.Version, ConversionID: "v2", Version: 1, Status: "approved", AffID: 8,
+				Attempt: 1, TS: at(10*time.Hour + 21*time.Minute), Method: "GET", URL: "https://q.example/pb",
+				StatusCode: 502, DurationMS: 30, Outcome: "retrying", Error: "partner answered 502"}),
+			schemas.EncodeDelivery(schemas.Delivery{V: schemas.Version, ConversionID: "v2", Version: 1, Status: "approved", AffID: 8,
+				Attempt: 2, TS: at(10*time.Hour + 22*time.Minute), Method: "GET", URL: "https://q.example/pb",
+				StatusCode: 502, DurationMS: 31, Outcome: "dead", Error: "partner answered 502"}),
 		},
 	}
 	for _, table := range loaderTables {
@@ -149,6 +160,26 @@ func TestSQLTranscript(t *testing.T) {
 	query("SELECT conversion_id, version, status, toString(sale_amount), toString(payout), toUnixTimestamp(ts), ctit_seconds FROM "+db+".conversions FINAL ORDER BY conversion_id", false)
 	query("SELECT click_id, sub1, toUnixTimestamp(ts) FROM "+db+".clicks FINAL ORDER BY click_id", false)
 	query("SELECT conversion_id, version, attempt, url, status_code, outcome FROM "+db+".postback_deliveries FINAL", true)
+
+	// The example queries of docs/analyst.md, as written there.
+	doc, err := os.ReadFile("../../docs/analyst.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	examples := regexp.MustCompile("(?s)```sql\n(.*?)```").FindAllSubmatch(doc, -1)
+	if len(examples) < 4 {
+		t.Fatalf("docs/analyst.md has %d sql examples, want at least 4", len(examples))
+	}
+	for _, m := range examples {
+		sql := strings.TrimSuffix(strings.TrimSpace(string(m[1])), ";")
+		got := query(strings.ReplaceAll(sql, "trackstar.", db+"."), true)
+		if strings.Contains(sql, "postback_deliveries") {
+			want := [][]string{{"v2", "1", "8", "2", "dead", "partner answered 502"}}
+			if !sameRows(got, want) {
+				t.Fatalf("docs/analyst.md's postbacks that never got through:\n got %q\nwant %q", got, want)
+			}
+		}
+	}
 
 	if path := os.Getenv("TRACKSTAR_SQL_TRANSCRIPT"); path != "" {
 		b, err := json.MarshalIndent(tr, "", " ")
@@ -211,6 +242,12 @@ func queryStrings(ctx context.Context, t *testing.T, conn driver.Conn, sql strin
 				row[i] = strconv.FormatFloat(v, 'f', -1, 64)
 			case decimal.Decimal:
 				row[i] = v.String()
+			case []float64: // as ClickHouse writes an array in TSV
+				parts := make([]string, len(v))
+				for j, f := range v {
+					parts[j] = strconv.FormatFloat(f, 'f', -1, 64)
+				}
+				row[i] = "[" + strings.Join(parts, ",") + "]"
 			default:
 				row[i] = fmt.Sprint(v)
 			}
