@@ -279,7 +279,13 @@ func TestKilledBeforeItsCommitDoesNotSendAgain(t *testing.T) {
 	// No commit before the kill: the restart reads every conversion again.
 	child := startChild(t, addr, dataDir, configPath, "TRACKSTAR_TEST_COMMIT_INTERVAL=1h")
 	waitFor(t, "every conversion delivered", delivered(convs...))
-	time.Sleep(200 * time.Millisecond) // the markers follow the records
+	// The markers follow the records, in the same finalizer batch, and
+	// the finalizer syncs a batch's markers before it writes the next
+	// batch's records: once a conversion produced now has its record,
+	// theirs are durable. (The later one's own marker is not checked.)
+	later := newConversion(7)
+	produce(t, addr, later)
+	waitFor(t, "a later conversion delivered", delivered(later))
 	child.kill()
 	if got := committed(t, addr, 1); got > 0 {
 		t.Fatalf("offsets committed before the kill (%d): the test needs them read again", got)

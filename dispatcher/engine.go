@@ -103,6 +103,9 @@ type engine struct {
 	// homed is the config the schedule's hosts were last checked against
 	// (see rehome); nil until the first scan. The scheduler's alone.
 	homed *catalog.Catalog
+	// rehomeAgain asks the scheduler for another rehome pass under the
+	// same config (the finalizer filed jobs under a config it replaced).
+	rehomeAgain atomic.Bool
 
 	pending   atomic.Int64          // schedule entries
 	writeErr  atomic.Pointer[error] // the last failed Kafka write, nil once one succeeds
@@ -627,7 +630,15 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 	var delta int64
 	scheduleChanged := false
 	bucket := bucketOf(now, e.cfg.DedupWindow)
+	cat := e.cfg.Catalog.Current()
 	schedule := func(j *job, due time.Time, attempt uint32, lastErr string) {
+		// File it under the host its postback goes to now: a reload may
+		// have moved the URL while j was queued or attempted, and the
+		// scheduler's rehome pass for that config skipped j as busy. The
+		// old host's pause and backoff are not the new one's: due now.
+		if host := currentHost(cat, &j.conv); host != "" && host != j.host {
+			j.host, due = host, now
+		}
 		v, err := json.Marshal(scheduledJob{Attempt: attempt, LastError: lastErr, Partition: j.partition, Offset: j.offset, Conversion: j.raw})
 		if err != nil {
 			panic("BUG: cannot encode schedule entry: " + err.Error())
@@ -668,8 +679,7 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 	// postback once more, a lost schedule entry loses it once its offset is
 	// committed. Pebble keeps an unsynced write in memory until a later
 	// sync, so a process that is killed, not only a machine that loses
-	// power, loses it. One sync covers the whole batch, and the version
-	// notes written before it (noteVersion).
+	// power, loses it. One sync covers the whole batch.
 	if !b.Empty() {
 		if err := b.Commit(pebble.Sync); err != nil {
 			e.fatal(err)
@@ -699,6 +709,12 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 					"aff_id", r.rec.AffID, "host", r.job.host, "attempts", r.rec.Attempt, "error", r.rec.Error)
 			}
 		}
+	}
+	if e.cfg.Catalog.Current() != cat {
+		// A reload during the batch: its rehome pass may have skipped
+		// these jobs as busy, and they were filed under the old config.
+		e.rehomeAgain.Store(true)
+		scheduleChanged = true
 	}
 	if scheduleChanged {
 		e.wakeScheduler()

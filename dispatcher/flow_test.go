@@ -483,3 +483,44 @@ func TestRetryTheConfigNoLongerWantsEndsWithARecord(t *testing.T) {
 		}
 	}
 }
+
+// A request in flight to the old host when a reload moves the affiliate's
+// URL fails after the reload; its retry must go to the new host, not wait
+// for the old host's pause.
+func TestReloadMovesTheRetryOfARequestInFlight(t *testing.T) {
+	started := make(chan struct{}, 1)
+	release := make(chan struct{})
+	old := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		started <- struct{}{}
+		<-release
+		w.WriteHeader(http.StatusBadGateway)
+	})
+	moved := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat, reload := reloadableHolder(t, true, "5s", "[50ms, 50ms, 50ms]", affiliate(7, old.srv.URL+"/pb?tx={conversion_id}"))
+	startDispatcher(t, dispatcher.Config{
+		Brokers:         []string{addr},
+		Catalog:         cat,
+		HostConcurrency: 1,
+		BreakerFailures: 1,
+		BreakerCooldown: time.Hour,
+	})
+	c := newConversion(7)
+	produce(t, addr, c)
+	<-started // the request to the old host is in flight
+	reload(true, affiliate(7, moved.srv.URL+"/pb?tx={conversion_id}"))
+	time.Sleep(1500 * time.Millisecond) // the scheduler's next scan (rehome) runs
+	close(release)
+	waitFor(t, "the retry recorded", func() bool {
+		return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeRetrying)
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for !recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) {
+		if time.Now().After(deadline) {
+			t.Fatalf("retry not delivered to the new host within 10s (new host got %d requests): filed under the paused old host",
+				len(moved.requestsFor(c.ConversionID)))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -47,7 +47,7 @@ func (e *engine) scan() (next time.Time) {
 			next = t
 		}
 	}
-	if cat := e.cfg.Catalog.Current(); cat != e.homed {
+	if cat := e.cfg.Catalog.Current(); cat != e.homed || e.rehomeAgain.Swap(false) {
 		e.rehome(cat)
 		e.homed = cat
 	}
@@ -152,7 +152,7 @@ func (e *engine) rehome(cat *catalog.Catalog) {
 		moved++
 	}
 	if moved > 0 {
-		e.log.Info("config changed partner hosts; scheduled postbacks go to their new hosts", "postbacks", moved)
+		e.log.Info("scheduled postbacks filed under a host the config no longer sends them to; moving them", "postbacks", moved)
 	}
 }
 
