@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/segmentio/kafka-go"
+
+	"github.com/trackstar/trackstar/internal/bus"
 	"github.com/trackstar/trackstar/internal/testenv"
 )
 
@@ -78,21 +83,21 @@ func TestLoadgenExitsNonZeroWhenRequestsFail(t *testing.T) {
 // TestStopWhileWaitingForKafka: SIGTERM while a role still waits for Kafka
 // at start-up is a clean stop (exit 0), as it is once the role runs.
 func TestStopWhileWaitingForKafka(t *testing.T) {
-	cmd := exec.Command(os.Args[0], "edge", "--config", "../../examples/trackstar.yaml", "--brokers", freeAddr(t),
-		"--listen", freeAddr(t), "--data", t.TempDir())
+	cmd := exec.Command(os.Args[0], "attributor", "--config", "../../examples/trackstar.yaml", "--brokers", freeAddr(t),
+		"--ops-listen", freeAddr(t), "--data", t.TempDir())
 	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
 	var logs testenv.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 30*time.Second, "the edge waits for Kafka", func() bool { return strings.Contains(logs.String(), "Kafka not ready; retrying") },
+	waitUntil(t, 30*time.Second, "the attributor waits for Kafka", func() bool { return strings.Contains(logs.String(), "Kafka not ready; retrying") },
 		func() { _ = cmd.Process.Kill() })
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if err := cmd.Wait(); err != nil {
-		t.Fatalf("trackstar edge stopped during start-up: %v, want exit 0; log:\n%s", err, logs.String())
+		t.Fatalf("trackstar attributor stopped during start-up: %v, want exit 0; log:\n%s", err, logs.String())
 	}
 	if !strings.Contains(logs.String(), "stopped before start-up finished") {
 		t.Fatalf("no word of the stop in the log:\n%s", logs.String())
@@ -133,4 +138,88 @@ func TestAllListsALoaderWaitingForClickHouse(t *testing.T) {
 	if !strings.HasPrefix(body, "ready\n") {
 		t.Fatalf("/readyz body %q", body)
 	}
+}
+
+// An edge started while Kafka is away answers at once, spooling, and says
+// degraded; once a broker answers, it creates the topics and drains.
+func TestEdgeStartsWhileKafkaIsAway(t *testing.T) {
+	edge, brokerAddr := freeAddr(t), freeAddr(t)
+	cmd := exec.Command(os.Args[0], "edge", "--config", "../../examples/trackstar.yaml", "--brokers", brokerAddr,
+		"--listen", edge, "--data", t.TempDir(), "--partitions", "2")
+	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
+	var logs testenv.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("trackstar log:\n%s", logs.String())
+		}
+	})
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	var clickID string
+	waitUntil(t, 30*time.Second, "the edge answers a click with Kafka away", func() bool {
+		resp, err := noRedirect.Get("http://" + edge + "/click?offer_id=1&aff_id=7")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		loc, _ := url.Parse(resp.Header.Get("Location"))
+		if resp.StatusCode != http.StatusFound || loc == nil {
+			t.Fatalf("click with Kafka away: %d", resp.StatusCode)
+		}
+		clickID = loc.Query().Get("click_id")
+		return true
+	})
+	if code, body := httpGet(t, "http://"+edge+"/readyz"); code != 503 || !strings.Contains(body, "degraded") {
+		t.Fatalf("/readyz with Kafka away: %d %q", code, body)
+	}
+
+	b, err := bus.StartEmbeddedBroker(brokerAddr, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	waitUntil(t, 90*time.Second, "the spool drained", func() bool {
+		code, _ := httpGet(t, "http://"+edge+"/readyz")
+		return code == 200
+	})
+	waitUntil(t, 30*time.Second, "the spooled click in trackstar.clicks", func() bool {
+		for p := range 2 {
+			conn, err := kafka.DialLeader(context.Background(), "tcp", brokerAddr, bus.TopicClicks, p)
+			if err != nil {
+				return false
+			}
+			conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+			batch := conn.ReadBatch(1, 1<<20)
+			for {
+				m, err := batch.ReadMessage()
+				if err != nil {
+					break
+				}
+				if string(m.Key) == clickID {
+					batch.Close()
+					conn.Close()
+					return true
+				}
+			}
+			batch.Close()
+			conn.Close()
+		}
+		return false
+	})
+}
+
+func httpGet(t *testing.T, u string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(u)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }

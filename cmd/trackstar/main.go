@@ -199,14 +199,21 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 		log.Info("embedded Kafka-protocol broker listening", "addr", b.Addr(), "data", filepath.Join(o.data, "kafka"))
 	}
 
-	if err := ensureTopics(ctx, o, brokers, holder, log); err != nil {
-		if ctx.Err() != nil {
-			// Asked to stop while waiting for Kafka: nothing was started,
-			// so this is a clean stop, not a failure.
-			log.Info("stopped before start-up finished", "command", cmd)
-			return nil
+	// The edge alone does not wait for Kafka: it must answer, spooling,
+	// while Kafka is away (that is what its spool is for), including after
+	// a restart during an outage. It reads topic metadata as it produces,
+	// so the topics are ensured beside it (the "topics" role below).
+	edgeOnly := cmd == "edge"
+	if !edgeOnly {
+		if err := ensureTopics(ctx, o, brokers, holder, log); err != nil {
+			if ctx.Err() != nil {
+				// Asked to stop while waiting for Kafka: nothing was
+				// started, so this is a clean stop, not a failure.
+				log.Info("stopped before start-up finished", "command", cmd)
+				return nil
+			}
+			return err
 		}
-		return err
 	}
 
 	reg := ops.NewRegistry()
@@ -221,6 +228,24 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 	var roles []role
 	add := func(name string, f func(context.Context) error) { roles = append(roles, role{name, f}) }
 
+	if edgeOnly {
+		add("topics", func(ctx context.Context) error {
+			for {
+				err := ensureTopics(ctx, o, brokers, holder, log)
+				if ctx.Err() != nil {
+					return nil
+				}
+				if err == nil {
+					<-ctx.Done()
+					return nil
+				}
+				if errors.Is(err, bus.ErrUnequalPartitions) {
+					return err
+				}
+				log.Warn("Kafka still not ready; the edge spools meanwhile", "err", err)
+			}
+		})
+	}
 	if cmd == "all" || cmd == "edge" {
 		add("edge", func(ctx context.Context) error {
 			return ingest.Run(ctx, ingest.Config{
