@@ -26,7 +26,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	m := &metrics{
 		conversions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "trackstar_dispatcher_conversions_total",
-			Help: "Conversions consumed, by result: queued (to be delivered), not_wanted (the affiliate has no postback for its status or goal), duplicate (already handled), invalid (undecodable), dropped (a scheduled retry whose postback the config no longer wants), superseded (an older status not sent after a newer one).",
+			Help: "Conversions consumed, by result: queued (to be delivered), not_wanted (the affiliate has no postback for its status or goal), duplicate (already handled), invalid (undecodable), dropped (a queued or scheduled delivery whose postback the config no longer wants), superseded (an older status not sent after a newer one).",
 		}, []string{"result"}),
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "trackstar_dispatcher_deliveries_total",
