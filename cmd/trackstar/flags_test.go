@@ -109,21 +109,8 @@ func TestStopWhileWaitingForKafka(t *testing.T) {
 // schema, as it does for a loader that loses ClickHouse later.
 func TestAllListsALoaderWaitingForClickHouse(t *testing.T) {
 	edge := freeAddr(t)
-	cmd := exec.Command(os.Args[0], "all", "--config", "../../examples/trackstar.yaml", "--listen", edge,
+	startTrackstar(t, "all", "--config", "../../examples/trackstar.yaml", "--listen", edge,
 		"--embedded-broker", freeAddr(t), "--data", t.TempDir(), "--clickhouse", freeAddr(t), "--log-level", "warn")
-	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
-	var logs testenv.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("trackstar log:\n%s", logs.String())
-		}
-	})
 	var body string
 	waitUntil(t, 60*time.Second, "/readyz lists the loader", func() bool {
 		resp, err := http.Get("http://" + edge + "/readyz")
@@ -144,21 +131,8 @@ func TestAllListsALoaderWaitingForClickHouse(t *testing.T) {
 // degraded; once a broker answers, it creates the topics and drains.
 func TestEdgeStartsWhileKafkaIsAway(t *testing.T) {
 	edge, brokerAddr := freeAddr(t), freeAddr(t)
-	cmd := exec.Command(os.Args[0], "edge", "--config", "../../examples/trackstar.yaml", "--brokers", brokerAddr,
+	startTrackstar(t, "edge", "--config", "../../examples/trackstar.yaml", "--brokers", brokerAddr,
 		"--listen", edge, "--data", t.TempDir(), "--partitions", "2")
-	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
-	var logs testenv.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("trackstar log:\n%s", logs.String())
-		}
-	})
 	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	var clickID string
 	waitUntil(t, 30*time.Second, "the edge answers a click with Kafka away", func() bool {
@@ -222,4 +196,24 @@ func httpGet(t *testing.T, u string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+// startTrackstar runs the test binary as trackstar with args until the test
+// ends (SIGTERM, then the wait), showing its log if the test failed.
+func startTrackstar(t *testing.T, args ...string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
+	var logs testenv.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("trackstar log:\n%s", logs.String())
+		}
+	})
 }
