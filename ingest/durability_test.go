@@ -284,18 +284,36 @@ func startChildEdge(t *testing.T, broker, dataDir, listen, configPath string) *c
 	return c
 }
 
-func TestKillDashNineLosesNothing(t *testing.T) {
+// crashRig is the state an edge process and its broker keep across the
+// kills and restarts of a test: the broker's and the edge's data dirs, the
+// config file and their addresses.
+type crashRig struct{ kafkaDir, edgeDir, config, broker, listen string }
+
+func newCrashRig(t *testing.T) crashRig {
 	dir := t.TempDir()
-	kafkaDir, edgeDir := filepath.Join(dir, "kafka"), filepath.Join(dir, "edge")
-	configPath := filepath.Join(dir, "trackstar.yaml")
-	if err := os.WriteFile(configPath, []byte(testConfig), 0o644); err != nil {
+	r := crashRig{kafkaDir: filepath.Join(dir, "kafka"), edgeDir: filepath.Join(dir, "edge"),
+		config: filepath.Join(dir, "trackstar.yaml"), broker: freeAddr(t), listen: freeAddr(t)}
+	if err := os.WriteFile(r.config, []byte(testConfig), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	addr, listen := freeAddr(t), freeAddr(t)
-	b := startBroker(t, addr, kafkaDir)
+	return r
+}
+
+func (r crashRig) startBroker(t *testing.T) *bus.EmbeddedBroker {
+	return startBroker(t, r.broker, r.kafkaDir)
+}
+
+func (r crashRig) startEdge(t *testing.T) *childEdge {
+	return startChildEdge(t, r.broker, r.edgeDir, r.listen, r.config)
+}
+
+func TestKillDashNineLosesNothing(t *testing.T) {
+	rig := newCrashRig(t)
+	addr := rig.broker
+	b := rig.startBroker(t)
 	testenv.CreateTopics(t, addr, testPartitions)
 
-	edge := startChildEdge(t, addr, edgeDir, listen, configPath)
+	edge := rig.startEdge(t)
 	var tr traffic
 	tr.send(t, edge.url, 3)
 
@@ -309,9 +327,9 @@ func TestKillDashNineLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	b = startBroker(t, addr, kafkaDir)
+	b = rig.startBroker(t)
 	defer b.Close()
-	edge = startChildEdge(t, addr, edgeDir, listen, configPath)
+	edge = rig.startEdge(t)
 	tr.check(t, addr)
 	waitFor(t, "the restarted edge drained its spool", func() error {
 		if r := get(t, edge.url+"/readyz"); r.code != 200 {
@@ -337,20 +355,15 @@ func TestKillDashNineLosesNothing(t *testing.T) {
 // killed process loses it), so the restarted edge does not produce those
 // events again.
 func TestKillAfterDrainDoesNotDrainAgain(t *testing.T) {
-	dir := t.TempDir()
-	kafkaDir, edgeDir := filepath.Join(dir, "kafka"), filepath.Join(dir, "edge")
-	configPath := filepath.Join(dir, "trackstar.yaml")
-	if err := os.WriteFile(configPath, []byte(testConfig), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	addr, listen := freeAddr(t), freeAddr(t)
-	b := startBroker(t, addr, kafkaDir)
+	rig := newCrashRig(t)
+	addr := rig.broker
+	b := rig.startBroker(t)
 	testenv.CreateTopics(t, addr, testPartitions)
-	edge := startChildEdge(t, addr, edgeDir, listen, configPath)
+	edge := rig.startEdge(t)
 	b.Close()
 	var tr traffic
 	tr.send(t, edge.url, 10)
-	b = startBroker(t, addr, kafkaDir)
+	b = rig.startBroker(t)
 	defer b.Close()
 	ready := func() error {
 		if r := get(t, edge.url+"/readyz"); r.code != 200 {
@@ -369,7 +382,7 @@ func TestKillAfterDrainDoesNotDrainAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-edge.exited
-	edge = startChildEdge(t, addr, edgeDir, listen, configPath)
+	edge = rig.startEdge(t)
 	waitFor(t, "the restarted edge is ready", ready)
 	time.Sleep(500 * time.Millisecond)
 	if after := records(); after != before {
