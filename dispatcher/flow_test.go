@@ -377,23 +377,12 @@ func TestReloadMovesQueuedJobsToTheNewHost(t *testing.T) {
 		w.WriteHeader(http.StatusBadGateway)
 	})
 	moved := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
-	addr := testenv.KafkaTopics(t, 1)
-	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	cat, reload := reloadableHolder(t, true, "5s", "[50ms, 50ms, 50ms]", affiliate(7, old.srv.URL+"/pb?tx={conversion_id}"))
-	// One request at a time to a host, and one failure pauses it for
-	// longer than the test waits.
-	startDispatcher(t, dispatcher.Config{
-		Brokers:         []string{addr},
-		Catalog:         cat,
-		HostConcurrency: 1,
-		BreakerFailures: 1,
-		BreakerCooldown: time.Hour,
-	})
+	addr, recs, moveTo := hostMoveRig(t, old)
 	first, queued := newConversion(7), newConversion(7)
 	produce(t, addr, first, queued)
 	waitFor(t, "the old partner to hold the first request", func() bool { return len(old.requests()) == 1 })
 
-	reload(true, affiliate(7, moved.srv.URL+"/pb?tx={conversion_id}"))
+	moveTo(moved)
 	close(release) // the old host fails: its breaker opens for an hour
 	waitFor(t, "the queued conversion to be delivered to the new host", func() bool {
 		return recs.hasOutcome(t, queued.ConversionID, schemas.OutcomeDelivered)
@@ -415,16 +404,7 @@ func TestReloadMovesScheduledJobsToTheNewHost(t *testing.T) {
 		w.WriteHeader(http.StatusBadGateway)
 	})
 	moved := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
-	addr := testenv.KafkaTopics(t, 1)
-	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	cat, reload := reloadableHolder(t, true, "5s", "[50ms, 50ms, 50ms]", affiliate(7, old.srv.URL+"/pb?tx={conversion_id}"))
-	startDispatcher(t, dispatcher.Config{
-		Brokers:         []string{addr},
-		Catalog:         cat,
-		HostConcurrency: 1,
-		BreakerFailures: 1,
-		BreakerCooldown: time.Hour,
-	})
+	addr, recs, moveTo := hostMoveRig(t, old)
 	failed := newConversion(7)
 	produce(t, addr, failed)
 	waitFor(t, "the old host to fail the first conversion", func() bool {
@@ -437,7 +417,7 @@ func TestReloadMovesScheduledJobsToTheNewHost(t *testing.T) {
 		t.Fatalf("the paused old host got %d requests, want 1", n)
 	}
 
-	reload(true, affiliate(7, moved.srv.URL+"/pb?tx={conversion_id}"))
+	moveTo(moved)
 	for _, c := range []schemas.Conversion{failed, deferred} {
 		waitFor(t, "the scheduled conversion to be delivered to the new host", func() bool {
 			return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered)
@@ -496,20 +476,11 @@ func TestReloadMovesTheRetryOfARequestInFlight(t *testing.T) {
 		w.WriteHeader(http.StatusBadGateway)
 	})
 	moved := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
-	addr := testenv.KafkaTopics(t, 1)
-	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	cat, reload := reloadableHolder(t, true, "5s", "[50ms, 50ms, 50ms]", affiliate(7, old.srv.URL+"/pb?tx={conversion_id}"))
-	startDispatcher(t, dispatcher.Config{
-		Brokers:         []string{addr},
-		Catalog:         cat,
-		HostConcurrency: 1,
-		BreakerFailures: 1,
-		BreakerCooldown: time.Hour,
-	})
+	addr, recs, moveTo := hostMoveRig(t, old)
 	c := newConversion(7)
 	produce(t, addr, c)
 	<-started // the request to the old host is in flight
-	reload(true, affiliate(7, moved.srv.URL+"/pb?tx={conversion_id}"))
+	moveTo(moved)
 	time.Sleep(1500 * time.Millisecond) // the scheduler's next scan (rehome) runs
 	close(release)
 	waitFor(t, "the retry recorded", func() bool {
@@ -523,4 +494,23 @@ func TestReloadMovesTheRetryOfARequestInFlight(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// hostMoveRig starts a dispatcher whose affiliate 7 gets its postbacks at
+// old: one request at a time to a host, and one failure pauses the host
+// for longer than a test waits. moveTo reloads the config with the
+// affiliate's URL at another partner.
+func hostMoveRig(t *testing.T, old *partner) (addr string, recs *collector, moveTo func(*partner)) {
+	t.Helper()
+	addr = testenv.KafkaTopics(t, 1)
+	recs = collect(t, addr, bus.TopicDeliveries, 1)
+	cat, reload := reloadableHolder(t, true, "5s", "[50ms, 50ms, 50ms]", affiliate(7, old.srv.URL+"/pb?tx={conversion_id}"))
+	startDispatcher(t, dispatcher.Config{
+		Brokers:         []string{addr},
+		Catalog:         cat,
+		HostConcurrency: 1,
+		BreakerFailures: 1,
+		BreakerCooldown: time.Hour,
+	})
+	return addr, recs, func(p *partner) { reload(true, affiliate(7, p.srv.URL+"/pb?tx={conversion_id}")) }
 }
