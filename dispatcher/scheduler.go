@@ -47,7 +47,10 @@ func (e *engine) scan() (next time.Time) {
 			next = t
 		}
 	}
-	if cat := e.cfg.Catalog.Current(); cat != e.homed || e.rehomeAgain.Swap(false) {
+	// Swapped first: a request for the reload this pass handles anyway
+	// must not run a second one.
+	again := e.rehomeAgain.Swap(false)
+	if cat := e.cfg.Catalog.Current(); cat != e.homed || again {
 		e.rehome(cat)
 		e.homed = cat
 	}

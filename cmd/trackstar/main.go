@@ -230,20 +230,7 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 
 	if edgeOnly {
 		add("topics", func(ctx context.Context) error {
-			for {
-				err := ensureTopics(ctx, o, brokers, holder, log)
-				if ctx.Err() != nil {
-					return nil
-				}
-				if err == nil {
-					<-ctx.Done()
-					return nil
-				}
-				if errors.Is(err, bus.ErrUnequalPartitions) {
-					return err
-				}
-				log.Warn("Kafka still not ready; the edge spools meanwhile", "err", err)
-			}
+			return ensureTopicsBeside(ctx, o, brokers, holder, health, log)
 		})
 	}
 	if cmd == "all" || cmd == "edge" {
@@ -316,22 +303,11 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 }
 
 func ensureTopics(ctx context.Context, o options, brokers []string, holder *catalog.Holder, log *slog.Logger) error {
-	// Clicks and postbacks must outlive what the attributor keeps (the
-	// longest attribution window, grace and attributor.LateMargin), since a
-	// partition that moves is rebuilt from them; a day more for slack.
-	retention := 7 * 24 * time.Hour
-	if holder != nil {
-		if w := holder.Current().MaxAttributionWindow() + o.grace + attributor.LateMargin + 24*time.Hour; w > retention {
-			retention = w
-		}
-	}
+	retention := topicsRetention(o, holder)
 	var lastErr error
 	for attempt := 0; attempt < 30; attempt++ {
-		tctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-		n, err := bus.EnsureTopics(tctx, bus.TopicsConfig{Brokers: brokers, Partitions: o.partitions, Retention: retention, Logger: log})
-		cancel()
+		err := ensureTopicsOnce(ctx, o, brokers, retention, log)
 		if err == nil {
-			log.Info("topics ready", "partitions", n, "retention", retention)
 			return nil
 		}
 		if errors.Is(err, bus.ErrUnequalPartitions) || ctx.Err() != nil {
@@ -346,6 +322,67 @@ func ensureTopics(ctx context.Context, o options, brokers []string, holder *cata
 		}
 	}
 	return lastErr
+}
+
+// topicsRetention is the retention clicks and postbacks (and conversions)
+// need: they must outlive what the attributor keeps (the longest
+// attribution window, grace and attributor.LateMargin), since a partition
+// that moves is rebuilt from them; a day more for slack.
+func topicsRetention(o options, holder *catalog.Holder) time.Duration {
+	retention := 7 * 24 * time.Hour
+	if holder != nil {
+		if w := holder.Current().MaxAttributionWindow() + o.grace + attributor.LateMargin + 24*time.Hour; w > retention {
+			retention = w
+		}
+	}
+	return retention
+}
+
+func ensureTopicsOnce(ctx context.Context, o options, brokers []string, retention time.Duration, log *slog.Logger) error {
+	tctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	n, err := bus.EnsureTopics(tctx, bus.TopicsConfig{Brokers: brokers, Partitions: o.partitions, Retention: retention, Logger: log})
+	if err == nil {
+		log.Info("topics ready", "partitions", n, "retention", retention)
+	}
+	return err
+}
+
+// ensureTopicsBeside is the edge's "topics" role: it ensures the topics
+// while the edge serves, retrying with a backoff for as long as it takes
+// (the edge spools meanwhile), and lists the last error on /readyz, beside
+// the edge's own check. A cluster with unequal clicks and postbacks
+// topics stops the process, as it stops every other role at start.
+func ensureTopicsBeside(ctx context.Context, o options, brokers []string, holder *catalog.Holder, health *ops.Health, log *slog.Logger) error {
+	var last atomic.Pointer[error]
+	health.Register("topics", func() error {
+		if err := last.Load(); err != nil {
+			return fmt.Errorf("not ensured yet: %w", *err)
+		}
+		return nil
+	})
+	retention := topicsRetention(o, holder)
+	for wait := time.Second; ; wait = min(2*wait, 30*time.Second) {
+		err := ensureTopicsOnce(ctx, o, brokers, retention, log)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err == nil {
+			last.Store(nil)
+			<-ctx.Done()
+			return nil
+		}
+		if errors.Is(err, bus.ErrUnequalPartitions) {
+			return err
+		}
+		last.Store(&err)
+		log.Warn("cannot ensure the Kafka topics yet; the edge spools meanwhile", "err", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
 }
 
 // migrateUntilDone applies the schema, retrying while ClickHouse is away.

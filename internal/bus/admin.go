@@ -54,6 +54,12 @@ func EnsureTopics(ctx context.Context, cfg TopicsConfig) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	// Refuse an unequal pair before creating anything for it.
+	if nc, ok := existing[TopicClicks]; ok {
+		if np, ok := existing[TopicPostbacks]; ok && nc != np {
+			return 0, unequalPartitions(nc, np)
+		}
+	}
 	var create []kafka.TopicConfig
 	for _, t := range AllTopics {
 		if _, ok := existing[t]; ok {
@@ -96,8 +102,7 @@ func EnsureTopics(ctx context.Context, cfg TopicsConfig) (int, error) {
 
 	nc, np := existing[TopicClicks], existing[TopicPostbacks]
 	if nc != np {
-		return 0, fmt.Errorf("%w: %s has %d, %s has %d; give them the same count (kafka-topics --alter --partitions) before starting Trackstar",
-			ErrUnequalPartitions, TopicClicks, nc, TopicPostbacks, np)
+		return 0, unequalPartitions(nc, np)
 	}
 	if nv := existing[TopicConversions]; nv != nc {
 		// Not fatal: conversions are still decided and delivered. But a
@@ -215,4 +220,9 @@ func ensureRetention(ctx context.Context, client *kafka.Client, want time.Durati
 		}
 	}
 	return nil
+}
+
+func unequalPartitions(clicks, postbacks int) error {
+	return fmt.Errorf("%w: %s has %d, %s has %d; give them the same count (kafka-topics --alter --partitions) before starting Trackstar",
+		ErrUnequalPartitions, TopicClicks, clicks, TopicPostbacks, postbacks)
 }

@@ -141,6 +141,14 @@ func TestEnsureTopicsRefusesUnequalPartitions(t *testing.T) {
 		t.Fatalf("EnsureTopics = %v, want ErrUnequalPartitions", err)
 	}
 	t.Logf("error as printed: %v", err)
+	// Refused before anything was created for the unequal pair.
+	md, err := client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{bus.TopicConversions}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(md.Topics) == 1 && md.Topics[0].Error == nil {
+		t.Fatalf("%s was created for a cluster refused for unequal partitions", bus.TopicConversions)
+	}
 }
 
 // A conversions topic with another partition count than clicks still
