@@ -74,3 +74,13 @@ func (b *breaker) record(failed, probe bool, now time.Time, threshold int, coold
 	}
 	return from, b.state
 }
+
+// dropProbe takes back the probe allow let through, when its request is not
+// made after all (the conversion moved to another host): the next request
+// becomes the probe, without waiting for probeEnd.
+func (b *breaker) dropProbe() {
+	if b.state == breakerHalfOpen {
+		b.state = breakerOpen
+		b.openUntil = time.Time{}
+	}
+}

@@ -502,8 +502,25 @@ func (e *engine) work(h *hostQueue) {
 			e.abandon(j)
 			continue
 		}
+		// A reload may also have come while j waited for its token or its
+		// claim. The attempt uses this snapshot of the config, so that the
+		// request goes to the host whose breaker takes its verdict.
+		cat = e.cfg.Catalog.Current()
+		if host := currentHost(cat, &j.conv); host != "" && host != h.name {
+			e.unclaim(j)
+			<-e.tokens
+			if probe {
+				e.mu.Lock()
+				h.br.dropProbe()
+				e.mu.Unlock()
+				e.metrics.breakerState.WithLabelValues(h.name).Set(breakerOpen)
+			}
+			j.host = host
+			e.enqueue(j)
+			continue
+		}
 		e.metrics.inflight.Inc()
-		r, verdict := e.attempt(j)
+		r, verdict := e.attempt(j, cat)
 		e.metrics.inflight.Dec()
 		e.unclaim(j)
 		<-e.tokens

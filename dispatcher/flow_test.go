@@ -496,6 +496,66 @@ func TestReloadMovesTheRetryOfARequestInFlight(t *testing.T) {
 	}
 }
 
+// TestReloadWhileAStatusWaitsForItsClaimChargesTheNewHost: a status update
+// waits, past its worker's host check, for the previous status's request
+// to end; a reload moves the partner URL meanwhile. The update goes to the
+// new host, and its failure pauses the new host, not the old one.
+func TestReloadWhileAStatusWaitsForItsClaimChargesTheNewHost(t *testing.T) {
+	started := make(chan struct{}, 1)
+	release := make(chan struct{})
+	old := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		started <- struct{}{}
+		<-release
+	})
+	moved := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		w.WriteHeader(http.StatusBadGateway)
+	})
+	const both = "statuses: [pending, approved]"
+	addr := testenv.KafkaTopics(t, 1)
+	cat, reload := reloadableHolder(t, true, "5s", "[1h]", affiliate(7, old.srv.URL+"/pb?tx={conversion_id}", both))
+	reg := startDispatcher(t, dispatcher.Config{
+		Brokers:         []string{addr},
+		Catalog:         cat,
+		HostConcurrency: 2,
+		BreakerFailures: 1,
+		BreakerCooldown: time.Hour,
+	})
+	pending := newConversion(7)
+	pending.Status = schemas.StatusPending
+	produce(t, addr, pending)
+	select { // version 1 is in flight to the old host
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the pending status never reached the old host")
+	}
+	approved := pending
+	approved.Version, approved.Status = 2, schemas.StatusApproved
+	produce(t, addr, approved)
+	waitFor(t, "version 2 queued", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_conversions_total", "result", "queued") == 2
+	})
+	time.Sleep(200 * time.Millisecond) // its worker checks the host and waits for its claim
+	reload(true, affiliate(7, moved.srv.URL+"/pb?tx={conversion_id}", both))
+	close(release) // version 1 is delivered; version 2 goes on
+
+	waitFor(t, "version 2 tried at the new host", func() bool {
+		return len(moved.requestsFor(pending.ConversionID)) > 0
+	})
+	hostLabel := func(p *partner) string { return strings.TrimPrefix(p.srv.URL, "http://") }
+	waitFor(t, "the new host paused", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_breaker_state", "host", hostLabel(moved)) == 1
+	})
+	if got := metric(t, reg, "trackstar_dispatcher_breaker_state", "host", hostLabel(old)); got != 0 {
+		t.Fatalf("old host's breaker state %v after a failure at the new host, want 0 (closed)", got)
+	}
+	if n := len(old.requestsFor(pending.ConversionID)); n != 1 {
+		t.Fatalf("old host got %d requests, want 1 (version 1 only)", n)
+	}
+	if n := len(moved.requestsFor(pending.ConversionID)); n != 1 {
+		t.Fatalf("new host got %d requests, want 1: the retry waits out the new host's pause", n)
+	}
+}
+
 // hostMoveRig starts a dispatcher whose affiliate 7 gets its postbacks at
 // old: one request at a time to a host, and one failure pauses the host
 // for longer than a test waits. moveTo reloads the config with the

@@ -38,9 +38,9 @@ const (
 	verdictRetryable                // network error, timeout, 5xx, 429
 )
 
-// attempt makes one attempt of j and returns its result for the finalizer.
-func (e *engine) attempt(j *job) (result, verdict) {
-	cat := e.cfg.Catalog.Current()
+// attempt makes one attempt of j under the config cat and returns its
+// result for the finalizer.
+func (e *engine) attempt(j *job, cat *catalog.Catalog) (result, verdict) {
 	pb := postbackFor(cat, &j.conv)
 	if pb == nil {
 		return e.notWanted(j), verdictNone

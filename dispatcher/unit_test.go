@@ -110,6 +110,12 @@ func TestBreaker(t *testing.T) {
 	if ok, probe, _ := b.allow(at(27*time.Second), at(29*time.Second)); !ok || !probe {
 		t.Fatalf("a lost probe was not replaced")
 	}
+	// A probe taken back (its conversion moved to another host) is
+	// replaced at once, not after its end.
+	b.dropProbe()
+	if ok, probe, _ := b.allow(at(27*time.Second), at(29*time.Second)); !ok || !probe {
+		t.Fatalf("a dropped probe was not replaced at once")
+	}
 	// A successful probe closes it.
 	if from, to := b.record(false, true, at(28*time.Second), threshold, cooldown); from != breakerHalfOpen || to != breakerClosed {
 		t.Fatalf("successful probe: %d -> %d, want half-open -> closed", from, to)
