@@ -606,37 +606,9 @@ func (w *worker) lastOffset(ctx context.Context, topic string) (int64, error) {
 }
 
 // listOffset answers one ListOffsets question about the worker's
-// partition: its first or last offset, or (with a timestamp) the first
-// offset of a record from that time or later, -1 when there is none.
+// partition (see bus.ListOffset).
 func (w *worker) listOffset(ctx context.Context, topic string, req kafka.OffsetRequest) (int64, error) {
-	resp, err := w.a.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{
-		Topics: map[string][]kafka.OffsetRequest{topic: {req}},
-	})
-	if err == nil {
-		for _, po := range resp.Topics[topic] {
-			if po.Partition != w.id {
-				continue
-			}
-			if po.Error != nil {
-				err = po.Error
-				break
-			}
-			switch req.Timestamp {
-			case kafka.FirstOffset:
-				return po.FirstOffset, nil
-			case kafka.LastOffset:
-				return po.LastOffset, nil
-			}
-			for off := range po.Offsets {
-				return off, nil
-			}
-			return -1, nil
-		}
-		if err == nil {
-			err = errors.New("partition missing from the response")
-		}
-	}
-	return 0, fmt.Errorf("cannot list offsets of %s/%d: %w", topic, w.id, err)
+	return bus.ListOffset(ctx, w.a.client, topic, req)
 }
 
 // offsetAt returns where to start reading the topic's partition to see

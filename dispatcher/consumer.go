@@ -142,6 +142,17 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 		var parts []int
 		trackers := map[int]*offsetTracker{}
 		var readers sync.WaitGroup
+		assigned := map[int]bool{}
+		for _, a := range gen.Assignments[bus.TopicConversions] {
+			assigned[a.ID] = true
+		}
+		d.learnedMu.Lock()
+		for p := range d.learned {
+			if !assigned[p] {
+				delete(d.learned, p) // another member may own it meanwhile
+			}
+		}
+		d.learnedMu.Unlock()
 		for _, a := range gen.Assignments[bus.TopicConversions] {
 			parts = append(parts, a.ID)
 			tr := newOffsetTracker(a.Offset)
@@ -174,6 +185,9 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 	defer cancel()
 	stop := context.AfterFunc(runCtx, cancel)
 	defer stop()
+	if !d.learn(ctx, partition) {
+		return
+	}
 
 	r := kafka.NewReader(kafka.ReaderConfig{
 		Brokers:   d.cfg.Brokers,
@@ -206,6 +220,44 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 		off := m.Offset
 		tr.add(off)
 		d.engine.submit(ctx, m, func() { tr.markDone(off) })
+	}
+}
+
+// learn runs learnPartition for a partition new to this member, retrying
+// until it succeeds; it reports false when ctx ends first. A partition the
+// member kept from its last generation is known already: no other member
+// owned it in between.
+func (d *dispatcher) learn(ctx context.Context, partition int) bool {
+	d.learnedMu.Lock()
+	known := d.learned[partition]
+	d.learnedMu.Unlock()
+	if known {
+		return true
+	}
+	client := &kafka.Client{Addr: kafka.TCP(d.cfg.Brokers...), Timeout: 10 * time.Second}
+	for {
+		start := time.Now()
+		n, err := d.learnPartition(ctx, client, partition)
+		if err == nil {
+			if n > 0 {
+				d.log.Info("learned the recent deliveries of a partition new to this dispatcher", "partition", partition,
+					"deliveries", n, "took", time.Since(start).Round(time.Millisecond))
+			}
+			d.learnedMu.Lock()
+			d.learned[partition] = true
+			d.learnedMu.Unlock()
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		d.log.Warn("cannot read the recent deliveries of a partition new to this dispatcher; retrying before reading its conversions",
+			"partition", partition, "err", err)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(time.Second):
+		}
 	}
 }
 

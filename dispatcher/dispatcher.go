@@ -21,6 +21,11 @@ type dispatcher struct {
 
 	joined atomic.Bool
 
+	// learned holds the partitions this member has owned without a break
+	// since it learned their deliveries (see learnPartition).
+	learnedMu sync.Mutex
+	learned   map[int]bool
+
 	cancel    context.CancelFunc
 	fatalOnce sync.Once
 	fatalErr  error
@@ -60,7 +65,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	d := &dispatcher{cfg: &cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registry), cancel: cancel}
+	d := &dispatcher{cfg: &cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registry), cancel: cancel, learned: map[int]bool{}}
 	d.engine, err = newEngine(d.cfg, d.metrics, store, d.fatal)
 	if err != nil {
 		return err

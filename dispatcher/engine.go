@@ -35,8 +35,11 @@ type job struct {
 	acks      []func() // offsets to mark done once the job is final or durably scheduled
 }
 
-func jobID(c *schemas.Conversion) string {
-	return c.ConversionID + "/" + strconv.FormatUint(uint64(c.Version), 10)
+func jobID(c *schemas.Conversion) string { return jobKey(c.ConversionID, c.Version) }
+
+// jobKey is the job ID of a version of a conversion.
+func jobKey(conversionID string, version uint32) string {
+	return conversionID + "/" + strconv.FormatUint(uint64(version), 10)
 }
 
 // hostQueue is the in-memory queue, workers and circuit breaker of one

@@ -154,6 +154,14 @@ func (w tWriter) Write(b []byte) (int, error) {
 // that it stopped cleanly. It fills in what cfg leaves empty.
 func startDispatcher(t testing.TB, cfg dispatcher.Config) *prometheus.Registry {
 	t.Helper()
+	reg, _ := startStoppableDispatcher(t, cfg)
+	return reg
+}
+
+// startStoppableDispatcher is startDispatcher, with a function that stops
+// the dispatcher and waits for it.
+func startStoppableDispatcher(t testing.TB, cfg dispatcher.Config) (*prometheus.Registry, func()) {
+	t.Helper()
 	if cfg.DataDir == "" {
 		cfg.DataDir = t.TempDir()
 	}
@@ -169,18 +177,22 @@ func startDispatcher(t testing.TB, cfg dispatcher.Config) *prometheus.Registry {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- dispatcher.Run(ctx, cfg) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("dispatcher.Run returned %v", err)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("dispatcher.Run returned %v", err)
+				}
+			case <-time.After(60 * time.Second):
+				t.Errorf("dispatcher.Run did not return after its context ended")
 			}
-		case <-time.After(60 * time.Second):
-			t.Errorf("dispatcher.Run did not return after its context ended")
-		}
-	})
-	return cfg.Registry
+		})
+	}
+	t.Cleanup(stop)
+	return cfg.Registry, stop
 }
 
 var convSeq struct {

@@ -2,6 +2,8 @@ package dispatcher_test
 
 import (
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -104,5 +106,79 @@ func TestRebalanceWaitsOutASlowRequest(t *testing.T) {
 	time.Sleep(time.Second)
 	if n := len(p.requestsFor(c1.ConversionID)); n != 1 {
 		t.Fatalf("the conversion in flight during the rebalance reached the partner %d times, want 1", n)
+	}
+}
+
+// A partition's next owner learns what the last one delivered from
+// trackstar.deliveries: a conversion record read again (the attributor
+// re-emits the records of postbacks it reads again after a rebuild) is not
+// sent a second time by a dispatcher that never saw it.
+func TestNextOwnerDoesNotResendWhatTheLastDelivered(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "5s", "[1s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+
+	_, stopA := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+	c := newConversion(7)
+	produce(t, addr, c)
+	waitFor(t, "the delivered record", func() bool { return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) })
+	stopA()
+
+	regB := startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat}) // a data dir of its own
+	produce(t, addr, c)                                                                  // the same record again
+	waitFor(t, "the replay to be handled", func() bool {
+		return metric(t, regB, "trackstar_dispatcher_conversions_total", "result", "duplicate")+
+			metric(t, regB, "trackstar_dispatcher_conversions_total", "result", "queued") > 0
+	})
+	waitFor(t, "the dispatcher to settle", func() bool { return settled(t, regB) })
+	if n := len(p.requestsFor(c.ConversionID)); n != 1 {
+		t.Fatalf("the partner got %d requests for one conversion delivered once, then read again by the next owner", n)
+	}
+}
+
+// The next owner also learns the newest status the last one queued: an
+// older status read again is not sent after it.
+func TestNextOwnerDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if r.URL.Query().Get("st") == schemas.StatusPending {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "5s", "[1h]",
+		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}&st={status}", "statuses: [pending, approved]"))
+
+	_, stopA := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+	pending := newConversion(7)
+	pending.Status = schemas.StatusPending
+	approved := pending
+	approved.Version, approved.Status = 2, schemas.StatusApproved
+	produce(t, addr, pending)
+	waitFor(t, "the pending status's failed attempt", func() bool {
+		return recs.hasOutcome(t, pending.ConversionID, schemas.OutcomeRetrying)
+	})
+	produce(t, addr, approved)
+	waitFor(t, "the approved status delivered", func() bool {
+		return recs.hasOutcome(t, pending.ConversionID, schemas.OutcomeDelivered)
+	})
+	stopA() // its retry of the pending status stays in its schedule
+
+	regB := startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+	produce(t, addr, pending) // the pending status read again
+	waitFor(t, "the replay to be recorded", func() bool {
+		return metric(t, regB, "trackstar_dispatcher_deliveries_total")+
+			metric(t, regB, "trackstar_dispatcher_conversions_total", "result", "duplicate") > 0
+	})
+	var sts []string
+	for _, r := range p.requests() {
+		sts = append(sts, r.uri[strings.LastIndex(r.uri, "=")+1:])
+	}
+	if want := []string{schemas.StatusPending, schemas.StatusApproved}; !slices.Equal(sts, want) {
+		t.Fatalf("the partner got statuses %v, want %v", sts, want)
+	}
+	if got := metric(t, regB, "trackstar_dispatcher_conversions_total", "result", "superseded"); got != 1 {
+		t.Errorf("superseded conversions %v, want 1", got)
 	}
 }
