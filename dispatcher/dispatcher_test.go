@@ -353,6 +353,7 @@ func TestDeadLetterAfterLastRetry(t *testing.T) {
 	if err := json.Unmarshal(msgs[0].Value, &dl); err != nil {
 		t.Fatal(err)
 	}
+	checkSchemaVersion(t, msgs[0].Value)
 	if dl.Topic != bus.TopicConversions || dl.Partition != 0 || dl.Offset != 1 || dl.Key != c.ClickID ||
 		dl.ConversionID != c.ConversionID || dl.Attempts != 3 || dl.AffID != 7 || dl.StatusCode != 500 ||
 		dl.Error != "HTTP 500: boom" || dl.Method != "GET" || !strings.Contains(dl.URL, c.ConversionID) || dl.TS == 0 {
@@ -363,6 +364,21 @@ func TestDeadLetterAfterLastRetry(t *testing.T) {
 	}
 	if n := len(p.requests()); n != 3 {
 		t.Fatalf("partner got %d requests, want 3", n)
+	}
+}
+
+// checkSchemaVersion fails t unless the JSON value carries "v", the schema
+// version, like every topic's (DESIGN.md "Topics").
+func checkSchemaVersion(t *testing.T, value []byte) {
+	t.Helper()
+	var v struct {
+		V *int `json:"v"`
+	}
+	if err := json.Unmarshal(value, &v); err != nil {
+		t.Fatal(err)
+	}
+	if v.V == nil || *v.V != schemas.Version {
+		t.Fatalf("dead letter %s: want \"v\":%d", value, schemas.Version)
 	}
 }
 
@@ -401,6 +417,7 @@ func TestUndecodableConversionIsDeadLettered(t *testing.T) {
 		if err := json.Unmarshal(m.Value, &dl); err != nil {
 			t.Fatal(err)
 		}
+		checkSchemaVersion(t, m.Value)
 		want := [][]byte{future, binary}[i]
 		got := []byte(dl.Value)
 		if dl.ValueBase64 != nil {

@@ -629,7 +629,7 @@ func (e *engine) finalizeBatch(ctx context.Context, batch []result) {
 		if r.rec.Outcome == schemas.OutcomeDead {
 			j := r.job
 			dl := DeadLetter{
-				Topic: bus.TopicConversions, Partition: j.partition, Offset: j.offset, Key: j.conv.ClickID,
+				V: schemas.Version, Topic: bus.TopicConversions, Partition: j.partition, Offset: j.offset, Key: j.conv.ClickID,
 				Error:        r.rec.Error,
 				ConversionID: r.rec.ConversionID, AffID: r.rec.AffID, Attempts: r.rec.Attempt,
 				Method: r.rec.Method, URL: r.rec.URL, StatusCode: r.rec.StatusCode, TS: now.UnixMilli(),

@@ -8,6 +8,7 @@ import "unicode/utf8"
 // whose partner postback still failed after the last retry, adding how the
 // last attempt went. Its Kafka key is the original record's key.
 type DeadLetter struct {
+	V         int    `json:"v"` // schema version, Version: every topic's value carries it
 	Topic     string `json:"topic"`
 	Partition int    `json:"partition"`
 	Offset    int64  `json:"offset"`

@@ -25,7 +25,7 @@ const MaxDeadLetterBytes = 900_000
 // says how much of it.
 func DeadLetter(m kafka.Message, reason error, now time.Time) kafka.Message {
 	dl := schemas.DeadLetter{
-		Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: string(m.Key),
+		V: schemas.Version, Topic: m.Topic, Partition: m.Partition, Offset: m.Offset, Key: string(m.Key),
 		Error: reason.Error(), TS: now.UnixMilli(),
 	}
 	keep := len(m.Value)
