@@ -90,10 +90,13 @@ type attributor struct {
 	log     *slog.Logger
 	db      *pebble.DB
 	m       *metrics
-	writer  *kafka.Writer
+	writer  *kafka.Writer // conversions
+	dlq     *kafka.Writer // dead letters of postbacks that cannot be decoded
 	client  *kafka.Client
 	crashed atomic.Bool
-	fatal   context.CancelCauseFunc
+	// invalidLog limits the log lines about undecodable records.
+	invalidLog logLimiter
+	fatal      context.CancelCauseFunc
 
 	mu         sync.Mutex
 	joined     bool
@@ -158,10 +161,12 @@ func Run(ctx context.Context, cfg Config) error {
 		db:         db,
 		m:          newMetrics(cfg.Registry),
 		writer:     bus.NewWriter(bus.WriterConfig{Brokers: cfg.Brokers, Topic: bus.TopicConversions}),
+		dlq:        bus.NewWriter(bus.WriterConfig{Brokers: cfg.Brokers, Topic: bus.TopicDLQ}),
 		client:     &kafka.Client{Addr: kafka.TCP(cfg.Brokers...), Timeout: 10 * time.Second},
 		rebuilding: map[int]bool{},
 	}
 	defer a.writer.Close()
+	defer a.dlq.Close()
 	if cfg.Health != nil {
 		cfg.Health.Register("attributor", a.ready)
 	}
@@ -360,4 +365,14 @@ func (a *attributor) watchStoreSize(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// logLimiter lets one message through per second, so that a stream of bad
+// records does not flood the log. (The edge has the same for its own.)
+type logLimiter struct{ last atomic.Int64 }
+
+func (l *logLimiter) allow() bool {
+	now := time.Now().Unix()
+	last := l.last.Load()
+	return now > last && l.last.CompareAndSwap(last, now)
 }

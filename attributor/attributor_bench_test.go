@@ -164,7 +164,7 @@ func BenchmarkPostbackJoin(b *testing.B) {
 		b.StartTimer()
 		w := bp.p.begin()
 		for i, v := range pbs[:n] {
-			if err := bp.p.addPostback(w, bp.cat, int64(done+i), v, now); err != nil {
+			if err := bp.p.addPostback(w, bp.cat, int64(done+i), nil, v, now); err != nil {
 				b.Fatal(err)
 			}
 		}

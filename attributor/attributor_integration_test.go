@@ -3,12 +3,14 @@ package attributor
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -641,4 +643,115 @@ func metricValue(t testing.TB, reg *prometheus.Registry, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// A postback record the attributor cannot decode (a schema version it does
+// not know, not JSON, no event ID) is dead-lettered to trackstar.dlq, since
+// nothing else reads postbacks: the edge answered 200 for it. The dead
+// letter goes through the outbox like a conversion, so a crash after the
+// batch is stored (its offsets past the bad records) still sends it on
+// restart; the records after the bad ones are decided as usual.
+func TestAttributorDeadLettersUndecodablePostbacks(t *testing.T) {
+	addr := testenv.KafkaTopics(t, testPartitions)
+	log := readConversions(t, addr)
+	now := time.Now()
+	c := schemas.Click{V: schemas.Version, ClickID: schemas.NewID(now), TS: now.UnixMilli(), OfferID: 1, AdvertiserID: 1, AffID: 7}
+	good := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: c.ClickID, TS: now.UnixMilli(), AdvertiserID: 1, Goal: "default", Amount: "19.99"}
+	key := []byte(c.ClickID)
+	bad := [][]byte{
+		[]byte(`{"v":2,"event_id":"` + schemas.NewID(now) + `","click_id":"` + c.ClickID + `"}`),
+		{0xff, 0xfe, '{'},
+		[]byte(`{"v":1,"click_id":"` + c.ClickID + `","ts":1}`),
+	}
+	produce(t, addr, bus.TopicClicks, clickMessages([]schemas.Click{c}))
+	var msgs []kafka.Message
+	for _, v := range bad {
+		msgs = append(msgs, kafka.Message{Key: key, Value: v, Time: now})
+	}
+	msgs = append(msgs, kafka.Message{Key: key, Value: good.AppendJSON(nil), Time: now})
+	produce(t, addr, bus.TopicPostbacks, msgs)
+
+	dir := t.TempDir()
+	cfg := testConfig(t, addr, dir)
+	cfg.hooks = &testHooks{crash: func(step string, records int) bool { return step == "stored" && records > 0 }}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	err := Run(ctx, cfg)
+	cancel()
+	if !errors.Is(err, errCrashed) {
+		t.Fatalf("Run = %v, want the crash after storing the batch of the bad records", err)
+	}
+	// The crash came with the first batch that had records to send: the
+	// one of the first bad record, maybe of more.
+	first := cfg.Registry
+
+	dlq := readDeadLetters(t, addr)
+	cfg = testConfig(t, addr, dir)
+	r := start(cfg)
+	want := map[string]wantConversion{good.EventID: {1, schemas.StatusApproved, "", "2.5", "1.75"}}
+	waitUntil(t, "the good postback's conversion", 60*time.Second, func() bool { return log.complete(want) })
+	waitUntil(t, "a dead letter for each bad record", 30*time.Second, func() bool { return len(dlq.messages()) >= len(bad) })
+	r.stop(t)
+	log.check(t, want)
+	const invalid = "trackstar_attributor_invalid_records_total"
+	if n := metricValue(t, first, invalid) + metricValue(t, cfg.Registry, invalid); n != float64(len(bad)) {
+		t.Fatalf("invalid_records_total = %v over both runs, want %d", n, len(bad))
+	}
+
+	part := bus.PartitionFor(key, testPartitions)
+	got := dlq.messages()
+	if len(got) != len(bad) {
+		t.Fatalf("%d dead letters, want %d", len(got), len(bad))
+	}
+	for i, m := range got {
+		var dl schemas.DeadLetter
+		if err := json.Unmarshal(m.Value, &dl); err != nil {
+			t.Fatalf("dead letter %q: %v", m.Value, err)
+		}
+		value := []byte(dl.Value)
+		if dl.ValueBase64 != nil {
+			value = dl.ValueBase64
+		}
+		if !bytes.Equal(m.Key, key) || dl.V != schemas.Version || dl.Topic != bus.TopicPostbacks || dl.Partition != part ||
+			dl.Offset != int64(i) || dl.Key != string(key) || !bytes.Equal(value, bad[i]) ||
+			!strings.HasPrefix(dl.Error, "cannot decode postback event") || dl.TS == 0 {
+			t.Fatalf("dead letter %d (key %q) = %s; want offset %d of %s/%d, value %q", i, m.Key, m.Value, i, bus.TopicPostbacks, part, bad[i])
+		}
+		t.Logf("dead letter %d: %s", i, m.Value)
+	}
+}
+
+// deadLetterLog reads trackstar.dlq from the start, all partitions.
+type deadLetterLog struct {
+	mu   sync.Mutex
+	msgs []kafka.Message
+}
+
+func readDeadLetters(t *testing.T, addr string) *deadLetterLog {
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &deadLetterLog{}
+	var done sync.WaitGroup
+	for p := range testPartitions {
+		r := kafka.NewReader(kafka.ReaderConfig{Brokers: []string{addr}, Topic: bus.TopicDLQ, Partition: p,
+			MaxWait: 200 * time.Millisecond, ReadLagInterval: -1})
+		done.Go(func() {
+			defer r.Close()
+			for {
+				m, err := r.ReadMessage(ctx)
+				if err != nil {
+					return
+				}
+				l.mu.Lock()
+				l.msgs = append(l.msgs, m)
+				l.mu.Unlock()
+			}
+		})
+	}
+	t.Cleanup(func() { cancel(); done.Wait() })
+	return l
+}
+
+func (l *deadLetterLog) messages() []kafka.Message {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.msgs)
 }

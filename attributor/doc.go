@@ -9,7 +9,8 @@
 // attribution window, the conversions' slots for deduplication and status
 // updates, the record emitted for every postback (so a postback seen again
 // re-emits the same record), postbacks waiting for their click, and an
-// outbox of records decided but not yet acknowledged by Kafka. Group
+// outbox of records decided (and dead letters of postbacks that cannot be
+// decoded) but not yet acknowledged by Kafka. Group
 // offsets are committed only after the outbox is empty. A partition gained
 // without current local state is rebuilt from Kafka: clicks from the
 // window's beginning, earlier decisions from the conversions topic.

@@ -26,7 +26,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		return prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help})
 	}
 	invalid := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "invalid_records_total",
-		Help: "Records of the clicks and postbacks topics that could not be decoded, or lack an ID, and were skipped."}, []string{"topic"})
+		Help: "Records of the clicks and postbacks topics that could not be decoded, or lack an ID: skipped (postbacks dead-lettered to trackstar.dlq)."}, []string{"topic"})
 	m := &metrics{
 		clicks:           counter("clicks_total", "Clicks stored."),
 		postbacks:        counter("postbacks_total", "Postbacks read (each is decided once, or re-emitted when seen again)."),

@@ -10,7 +10,9 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/segmentio/kafka-go"
 
+	"github.com/trackstar/trackstar/internal/bus"
 	"github.com/trackstar/trackstar/internal/catalog"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -57,20 +59,30 @@ type heldPostback struct {
 	pb       schemas.Postback
 }
 
-// outRecord is a conversion to produce: Kafka key and value.
+// outRecord is a record to produce: Kafka key and value of a conversion,
+// or of a dead letter for trackstar.dlq.
 type outRecord struct {
 	seq   uint64
 	key   []byte
 	value []byte
+	dlq   bool
+}
+
+// invalidRecord is a record that could not be decoded, for the log.
+type invalidRecord struct {
+	topic  string
+	offset int64
+	err    error
 }
 
 // work is one batch being built.
 type work struct {
-	b      *pebble.Batch
-	out    []outRecord
-	key    []byte // scratch
-	val    []byte // scratch
-	lookup batchSlots
+	b       *pebble.Batch
+	out     []outRecord
+	invalid []invalidRecord
+	key     []byte // scratch
+	val     []byte // scratch
+	lookup  batchSlots
 }
 
 func newPartition(db *pebble.DB, id int, grace time.Duration, m *metrics) *partition {
@@ -139,6 +151,14 @@ func (p *partition) pendingOutbox() ([]outRecord, error) {
 	var key []byte
 	for it.First(); it.Valid(); it.Next() {
 		k := it.Key()
+		if v := it.Value(); len(v) > 0 && v[0] == outboxDeadLetter {
+			dkey, value, err := splitRecord(slices.Clone(v[1:]))
+			if err != nil {
+				return nil, fmt.Errorf("outbox entry %x: %w", k, err)
+			}
+			out = append(out, outRecord{seq: binary.BigEndian.Uint64(k[3:]), key: dkey, value: value, dlq: true})
+			continue
+		}
 		key = eventKey(key[:0], p.id, string(it.Value()))
 		rec, closer, err := p.db.Get(key)
 		if errors.Is(err, pebble.ErrNotFound) {
@@ -222,9 +242,15 @@ func (p *partition) acked(out []outRecord) error {
 func (p *partition) addClick(w *work, cat *catalog.Catalog, offset int64, value []byte) error {
 	p.meta.ClicksNext = offset + 1
 	c, err := schemas.DecodeClick(value)
-	if err != nil || !schemas.ValidID(c.ClickID) {
+	if err == nil && !schemas.ValidID(c.ClickID) {
+		err = fmt.Errorf("cannot decode click event: invalid click_id %q", c.ClickID)
+	}
+	if err != nil {
+		// The warehouse loader, which reads the clicks topic too,
+		// dead-letters it; here it cannot join anything.
 		p.m.invalidClicks.Inc()
-		return nil // the warehouse loader dead-letters it; it cannot join anything
+		w.invalid = append(w.invalid, invalidRecord{topic: bus.TopicClicks, offset: offset, err: err})
+		return nil
 	}
 	p.m.clicks.Inc()
 	c.ClickID = normalizeID(c.ClickID)
@@ -254,13 +280,18 @@ func (p *partition) addClick(w *work, cat *catalog.Catalog, offset int64, value 
 
 // addPostback joins a postback read at offset with its click: it re-emits
 // the earlier record of a postback seen before, holds one whose click may
-// still come, and decides the others.
-func (p *partition) addPostback(w *work, cat *catalog.Catalog, offset int64, value []byte, now time.Time) error {
+// still come, and decides the others. One it cannot decode it
+// dead-letters.
+func (p *partition) addPostback(w *work, cat *catalog.Catalog, offset int64, key, value []byte, now time.Time) error {
 	p.meta.PostbacksNext = offset + 1
 	pb, err := schemas.DecodePostback(value)
-	if err != nil || pb.EventID == "" {
+	if err == nil && pb.EventID == "" {
+		err = errors.New("cannot decode postback event: no event_id")
+	}
+	if err != nil {
 		p.m.invalidPostbacks.Inc()
-		return nil
+		w.invalid = append(w.invalid, invalidRecord{topic: bus.TopicPostbacks, offset: offset, err: err})
+		return p.deadLetter(w, offset, key, value, err, now)
 	}
 	p.m.postbacks.Inc()
 	p.lastPostbackTS = pb.TS
@@ -472,6 +503,31 @@ func (p *partition) emitRaw(w *work, eventID string, rec []byte) error {
 		return err
 	}
 	w.out = append(w.out, outRecord{seq: seq, key: key, value: value})
+	return nil
+}
+
+// outboxDeadLetter starts an outbox entry that holds a dead letter itself
+// (its Kafka key, then its value) rather than the event ID of a conversion
+// record: event IDs never start with it.
+const outboxDeadLetter = 0
+
+// deadLetter puts a dead letter for the postback record at offset in the
+// outbox. Nothing else reads the postbacks topic, and the edge answered
+// 200 for the record (one of a newer schema version, say, during a rolling
+// upgrade): it must not vanish. Through the outbox it is sent, and
+// acknowledged, before the offsets past it are committed to the group,
+// like a conversion.
+func (p *partition) deadLetter(w *work, offset int64, key, value []byte, reason error, now time.Time) error {
+	m := bus.DeadLetter(kafka.Message{Topic: bus.TopicPostbacks, Partition: p.id, Offset: offset, Key: key, Value: value}, reason, now)
+	rec := appendString([]byte{outboxDeadLetter}, string(m.Key))
+	rec = append(rec, m.Value...)
+	seq := p.meta.OutboxSeq
+	p.meta.OutboxSeq++
+	w.key = outboxKey(w.key[:0], p.id, seq)
+	if err := w.b.Set(w.key, rec, nil); err != nil {
+		return err
+	}
+	w.out = append(w.out, outRecord{seq: seq, key: m.Key, value: m.Value, dlq: true})
 	return nil
 }
 

@@ -407,7 +407,7 @@ func (s *script) addPostback(name string, value []byte) {
 		if err := s.p.resolveDue(w, s.cat, s.now); err != nil {
 			return err
 		}
-		return s.p.addPostback(w, s.cat, s.offsets[1], value, s.now)
+		return s.p.addPostback(w, s.cat, s.offsets[1], nil, value, s.now)
 	})
 	if s.p.heldCount > held {
 		s.out = append(s.out, "held "+name)

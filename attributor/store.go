@@ -27,7 +27,8 @@ import (
 //	p y <click_id> <offer> <goal len> <goal> <txn>   expiry index of x keys
 //	p e <event_id>                        processed postback: the record emitted for it
 //	p h <click_id> <event_id>             held postback (its click not seen yet)
-//	p q <seq>                             outbox: event IDs whose records Kafka has not acknowledged yet
+//	p q <seq>                             outbox: event IDs whose records Kafka has not acknowledged yet,
+//	                                      or 0x00 and a dead letter (key, value) for trackstar.dlq
 //	p o                                   offsets and commit bookkeeping
 //
 // Click IDs and event IDs are time-ordered (schemas.NewID), so c, g, y and

@@ -86,7 +86,7 @@ func TestCommitOffsetsStopAtHeldPostbacks(t *testing.T) {
 	add := func(offset int64, name, click string) {
 		t.Helper()
 		pb := schemas.Postback{V: schemas.Version, EventID: makeID(now, name), ClickID: makeID(now, click), TS: now.UnixMilli(), AdvertiserID: 1}
-		if err := p.addPostback(w, cat, offset, pb.AppendJSON(nil), now); err != nil {
+		if err := p.addPostback(w, cat, offset, []byte(pb.ClickID), pb.AppendJSON(nil), now); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -144,7 +144,7 @@ func TestHeldPostbacksGaugeAfterLoad(t *testing.T) {
 	w := p.begin()
 	for i, name := range []string{"p1", "p2"} {
 		pb := schemas.Postback{V: schemas.Version, EventID: makeID(now, name), ClickID: makeID(now, "c"+name), TS: now.UnixMilli(), AdvertiserID: 1}
-		if err := p.addPostback(w, cat, int64(i), pb.AppendJSON(nil), now); err != nil {
+		if err := p.addPostback(w, cat, int64(i), []byte(pb.ClickID), pb.AppendJSON(nil), now); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -271,7 +271,7 @@ func (w *worker) apply(ctx context.Context, clicks, postbacks *feed, cm, pm []ka
 		return storeErr(err)
 	}
 	for i := range pm {
-		if err := p.addPostback(wk, cat, pm[i].Offset, pm[i].Value, start); err != nil {
+		if err := p.addPostback(wk, cat, pm[i].Offset, pm[i].Key, pm[i].Value, start); err != nil {
 			wk.b.Close()
 			return storeErr(err)
 		}
@@ -279,6 +279,7 @@ func (w *worker) apply(ctx context.Context, clicks, postbacks *feed, cm, pm []ka
 	if postbacks != nil {
 		p.postbacksCaughtUp = postbacks.caughtUp(p.meta.PostbacksNext)
 	}
+	w.logInvalid(wk.invalid)
 	if len(cm)+len(pm) == 0 && wk.b.Empty() {
 		wk.b.Close()
 		return nil
@@ -311,18 +312,54 @@ func (a *attributor) crash(step string, records int) bool {
 	return false
 }
 
-// send produces conversions and waits until Kafka has acknowledged them all,
-// retrying what failed. It gives up only when ctx ends, leaving the rest in
-// the outbox for the next run.
+// logInvalid logs the records of a batch that could not be decoded, at
+// most one a second: a producer writing garbage must not flood the log.
+// The metric counts them all.
+func (w *worker) logInvalid(invalid []invalidRecord) {
+	if len(invalid) == 0 || !w.a.invalidLog.allow() {
+		return
+	}
+	r := invalid[0]
+	if r.topic == bus.TopicPostbacks {
+		w.a.log.Warn("dead-lettering a postback record that cannot be decoded", "partition", w.id, "offset", r.offset,
+			"err", r.err, "invalid_in_batch", len(invalid))
+	} else {
+		w.a.log.Warn("skipping a click record that cannot be decoded (the loader dead-letters it)", "partition", w.id,
+			"offset", r.offset, "err", r.err, "invalid_in_batch", len(invalid))
+	}
+}
+
+// send produces conversions and dead letters and waits until Kafka has
+// acknowledged them all, retrying what failed. It gives up only when ctx
+// ends, leaving the rest in the outbox for the next run.
 func (w *worker) send(ctx context.Context, out []outRecord) error {
 	if len(out) == 0 {
 		return nil
 	}
 	// The record time is what a rebuild looks conversions up by.
 	now := time.Now()
-	msgs := make([]kafka.Message, len(out))
-	for i, r := range out {
-		msgs[i] = kafka.Message{Key: r.key, Value: r.value, Time: now}
+	var convs, dead []kafka.Message
+	for _, r := range out {
+		m := kafka.Message{Key: r.key, Value: r.value, Time: now}
+		if r.dlq {
+			dead = append(dead, m)
+		} else {
+			convs = append(convs, m)
+		}
+	}
+	// Conversions first: their time after ctx ends is bounded (see
+	// produce), for a rebuild elsewhere; a late dead letter harms no one.
+	if err := w.produce(ctx, w.a.writer, bus.TopicConversions, convs); err != nil {
+		return err
+	}
+	return w.produce(ctx, w.a.dlq, bus.TopicDLQ, dead)
+}
+
+// produce writes msgs to topic with wr, retrying what failed until Kafka
+// has them all or ctx ends.
+func (w *worker) produce(ctx context.Context, wr *kafka.Writer, topic string, msgs []kafka.Message) error {
+	if len(msgs) == 0 {
+		return nil
 	}
 	backoff := 100 * time.Millisecond
 	for {
@@ -333,7 +370,7 @@ func (w *worker) send(ctx context.Context, out []outRecord) error {
 		// rebuilds it from the conversions topic, and a write landing
 		// after that rebuild would have its postbacks decided twice.
 		wctx, cancel := outlive(ctx, w.a.cfg.RebalanceTimeout/2, 30*time.Second)
-		err := w.a.writer.WriteMessages(wctx, msgs...)
+		err := wr.WriteMessages(wctx, msgs...)
 		cancel()
 		if err == nil {
 			return nil
@@ -348,10 +385,10 @@ func (w *worker) send(ctx context.Context, out []outRecord) error {
 			}
 			msgs = failed
 		}
-		w.a.log.Warn("cannot produce conversions; retrying", "partition", w.id, "records", len(msgs), "err", err)
+		w.a.log.Warn("cannot produce records; retrying", "topic", topic, "partition", w.id, "records", len(msgs), "err", err)
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("cannot produce conversions of partition %d before stopping: %w", w.id, err)
+			return fmt.Errorf("cannot produce to %s for partition %d before stopping: %w", topic, w.id, err)
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 5*time.Second)
@@ -385,7 +422,7 @@ func (w *worker) flushOutbox(ctx context.Context) error {
 	if len(out) == 0 {
 		return nil
 	}
-	w.a.log.Info("sending conversions left in the outbox", "partition", w.id, "records", len(out))
+	w.a.log.Info("sending records left in the outbox", "partition", w.id, "records", len(out))
 	if err := w.send(ctx, out); err != nil {
 		return err
 	}
