@@ -117,14 +117,16 @@ func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas
 	if clickAdvertiser == 0 && offer != nil {
 		clickAdvertiser = offer.AdvertiserID
 	}
+	// Every rejection from here on carries the postback's currency, else
+	// the offer's (docs/analyst.md).
+	if c.Currency == "" && offer != nil {
+		c.Currency = offer.Currency
+	}
 	if pb.AdvertiserID != clickAdvertiser {
 		return reject(schemas.RejectAdvertiserMismatch)
 	}
 	if offer == nil {
 		return reject(schemas.RejectUnknownGoal)
-	}
-	if c.Currency == "" {
-		c.Currency = offer.Currency
 	}
 	goal := offer.Goal(goalID)
 	if goal == nil {
