@@ -266,7 +266,7 @@ func (p *parser) offer(n *yaml.Node, path string) (*Offer, *yaml.Node, *yaml.Nod
 		o.Name, _ = p.str(v, path+".name")
 	}
 	if v := p.required(m, n, path, "url"); v != nil {
-		o.URL = p.template(v, path+".url", false)
+		o.URL, _ = p.template(v, path+".url", false)
 		o.RawURL = v.Value
 	}
 	windowOK, ctitOK := true, true
@@ -460,11 +460,14 @@ func (p *parser) partnerPostback(n *yaml.Node, path string, allowPrivate bool) *
 	}
 	pb := &PartnerPostback{Method: DefaultPostbackMethod, Statuses: []string{schemas.StatusApproved}}
 	if v := p.required(m, n, path, "url"); v != nil {
-		pb.URL = p.template(v, path+".url", true)
+		var host string
+		pb.URL, host = p.template(v, path+".url", true)
 		pb.RawURL = v.Value
-		if pb.URL != nil && !allowPrivate {
-			if why := privateHostReason(pb.URL.host); why != "" {
-				p.errorf(v, path+".url", "host %q is %s; partner postbacks go to public hosts only (allow_private_partner_urls: true allows it for local testing)", pb.URL.host, why)
+		// Checked even when the template has problems: a config's errors
+		// are all reported at once (docs/operator.md).
+		if host != "" && !allowPrivate {
+			if why := privateHostReason(host); why != "" {
+				p.errorf(v, path+".url", "host %q is %s; partner postbacks go to public hosts only (allow_private_partner_urls: true allows it for local testing)", host, why)
 			}
 		}
 	}
@@ -515,16 +518,21 @@ func (p *parser) partnerPostback(n *yaml.Node, path string, allowPrivate bool) *
 	return pb
 }
 
-func (p *parser) template(n *yaml.Node, path string, partner bool) *Template {
+// template parses the URL template at n, reporting its problems, and
+// returns it (nil with problems) and its host ("" when it names none).
+func (p *parser) template(n *yaml.Node, path string, partner bool) (*Template, string) {
 	s, ok := p.str(n, path)
 	if !ok {
-		return nil
+		return nil, ""
 	}
 	t, problems := parseTemplate(s, partner)
 	for _, pr := range problems {
 		p.errorf(n, path, "%s", pr)
 	}
-	return t
+	if len(problems) > 0 {
+		return nil, t.host
+	}
+	return t, t.host
 }
 
 // Node helpers. Each reports its own errors and says whether the value is

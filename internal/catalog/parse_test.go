@@ -340,7 +340,30 @@ affiliates:
 		`t.yaml:10: offers[0].goals[0].revenue: unknown key "fixd" (want one of: fixed, percent)`,
 		`t.yaml:10: offers[0].goals[0].revenue: set one of fixed (an amount) or percent (of the sale amount)`,
 		`t.yaml:13: affiliates[0].postback.url: macro "{revenue}" is never offered to partners`,
+		`t.yaml:13: affiliates[0].postback.url: host "10.0.0.1" is a private address; partner postbacks go to public hosts only (allow_private_partner_urls: true allows it for local testing)`,
 		`t.yaml:13: affiliates[0].postback.method: method "PUT" is neither GET nor POST`)
+
+	// A partner URL with a problem in its template still has its host
+	// checked: fixing the one must not reveal the other.
+	private := `; partner postbacks go to public hosts only (allow_private_partner_urls: true allows it for local testing)`
+	f(partnerURL("http://127.0.0.1/pb?x={revenue}"),
+		`t.yaml:12: affiliates[0].postback.url: macro "{revenue}" is never offered to partners`,
+		`t.yaml:12: affiliates[0].postback.url: host "127.0.0.1" is a loopback address`+private)
+	f(partnerURL("http://localhost/pb?x={bogus}&y={offer_id"),
+		`t.yaml:12: affiliates[0].postback.url: unknown macro "{bogus}"`,
+		`t.yaml:12: affiliates[0].postback.url: unclosed "{" at offset 32`,
+		`t.yaml:12: affiliates[0].postback.url: host "localhost" is a loopback name`+private)
+	f(partnerURL("http://[::1]/pb?x=a b"),
+		`t.yaml:12: affiliates[0].postback.url: URL must not contain spaces (write %20 or +)`,
+		`t.yaml:12: affiliates[0].postback.url: host "::1" is a loopback address`+private)
+	f(partnerURL("http://127.0.0.1{x/pb"),
+		`t.yaml:12: affiliates[0].postback.url: unclosed "{" at offset 16`)
+	f(partnerURL("http://{aff_id}.127.0.0.1/pb"),
+		`t.yaml:12: affiliates[0].postback.url: macros are not allowed in the URL's scheme or host`)
+	f(partnerURL("http://127.0.0.1:99999/pb?x={revenue}"),
+		`t.yaml:12: affiliates[0].postback.url: macro "{revenue}" is never offered to partners`,
+		`t.yaml:12: affiliates[0].postback.url: malformed URL: port "99999" is not a TCP port (1 to 65535)`,
+		`t.yaml:12: affiliates[0].postback.url: host "127.0.0.1" is a loopback address`+private)
 }
 
 func TestParseValid(t *testing.T) {

@@ -115,12 +115,14 @@ func ParseTemplate(raw string, partner bool) (*Template, error) {
 	return nil, errors.Join(errs...)
 }
 
-// parseTemplate returns the template or every problem found in it.
+// parseTemplate returns the template and every problem found in it. With
+// problems the template is not usable, but its host is set when the URL
+// names one (see below).
 func parseTemplate(raw string, partner bool) (*Template, []string) {
 	var problems []string
 	t := &Template{raw: raw}
 	firstMacro := -1
-	unclosed := false
+	unclosed, unclosedAt := false, 0
 	rest := raw
 	for len(rest) > 0 {
 		open := strings.IndexByte(rest, '{')
@@ -135,7 +137,7 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 		end := strings.IndexByte(rest[open:], '}')
 		if end < 0 {
 			problems = append(problems, fmt.Sprintf("unclosed \"{\" at offset %d", offset))
-			unclosed = true
+			unclosed, unclosedAt = true, offset
 			break
 		}
 		name := rest[open+1 : open+end]
@@ -188,13 +190,15 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 		problems = append(problems, "URL must be absolute http:// or https:// with a host")
 	case !validPort(u.Port()):
 		problems = append(problems, fmt.Sprintf("malformed URL: port %q is not a TCP port (1 to 65535)", u.Port()))
-	default:
+	}
+	// The host is known, whatever else is wrong, when the URL parses with
+	// a scheme and a host written out before any macro or unclosed "{":
+	// the caller checks it too, so that every problem is reported at once.
+	if !(unclosed && unclosedAt <= authorityEnd) && err == nil && !(firstMacro >= 0 && firstMacro < authorityEnd) &&
+		(u.Scheme == "http" || u.Scheme == "https") && u.Hostname() != "" {
 		t.host = u.Hostname()
 	}
-	if len(problems) > 0 {
-		return nil, problems
-	}
-	return t, nil
+	return t, problems
 }
 
 // validPort reports whether a URL's port (empty: the scheme's default) is
