@@ -269,7 +269,9 @@ func TestSignedRequestsVerify(t *testing.T) {
 	startDispatcher(t, dispatcher.Config{
 		Brokers: []string{addr},
 		Catalog: holder(t, true, "2s", "[50ms]",
-			affiliate(7, p.srv.URL+"/get/{sub1}?tx={conversion_id}&s1={sub1}", `secret: "get-secret"`),
+			// Literal text a URI may not hold as it is (é, |) goes out
+			// percent-encoded, as signed.
+			affiliate(7, p.srv.URL+"/get/é|{sub1}?tx={conversion_id}&s1={sub1}&n=é|", `secret: "get-secret"`),
 			affiliate(8, p.srv.URL+"/post?tx={conversion_id}", `method: POST`, `secret: "post-secret"`),
 			affiliate(9, p.srv.URL+"/plain?tx={conversion_id}")),
 	})
@@ -284,6 +286,18 @@ func TestSignedRequestsVerify(t *testing.T) {
 	if err := verifySignature(get[0].header.Get("X-Trackstar-Signature"), "get-secret", []byte(get[0].uri), time.Now()); err != nil {
 		t.Fatalf("GET %s: %v", get[0].uri, err)
 	}
+	if !strings.Contains(get[0].uri, "/get/%C3%A9%7C") || !strings.HasSuffix(get[0].uri, "&n=%C3%A9%7C") {
+		t.Fatalf("GET %s: want the literal é| sent as %%C3%%A9%%7C", get[0].uri)
+	}
+	docReq := &http.Request{Method: http.MethodGet, RequestURI: get[0].uri, Header: get[0].header}
+	if !partnerDocVerify([]byte("get-secret"), docReq, nil) {
+		t.Fatalf("GET %s: the verifier of docs/partner.md rejects it", get[0].uri)
+	}
+	// A verifier that re-encodes the target, as docs/partner.md once
+	// did, reads the same: the URI is sent in the form Go gives back.
+	if u, err := url.ParseRequestURI(get[0].uri); err != nil || u.RequestURI() != get[0].uri {
+		t.Fatalf("GET %s reads back as %q (%v)", get[0].uri, u.RequestURI(), err)
+	}
 	// The check can fail: another secret or another URI does not verify.
 	if verifySignature(get[0].header.Get("X-Trackstar-Signature"), "post-secret", []byte(get[0].uri), time.Now()) == nil ||
 		verifySignature(get[0].header.Get("X-Trackstar-Signature"), "get-secret", []byte(get[0].uri+"&x=1"), time.Now()) == nil {
@@ -296,6 +310,9 @@ func TestSignedRequestsVerify(t *testing.T) {
 	}
 	if err := verifySignature(post[0].header.Get("X-Trackstar-Signature"), "post-secret", post[0].body, time.Now()); err != nil {
 		t.Fatalf("POST body %s: %v", post[0].body, err)
+	}
+	if !partnerDocVerify([]byte("post-secret"), &http.Request{Method: http.MethodPost, Header: post[0].header}, post[0].body) {
+		t.Fatalf("POST body %s: the verifier of docs/partner.md rejects it", post[0].body)
 	}
 	var body map[string]any
 	if err := json.Unmarshal(post[0].body, &body); err != nil {

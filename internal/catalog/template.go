@@ -191,6 +191,19 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 	case !validPort(u.Port()):
 		problems = append(problems, fmt.Sprintf("malformed URL: port %q is not a TCP port (1 to 65535)", u.Port()))
 	}
+	if len(problems) == 0 {
+		// Literal text a URI may not hold as it is goes out
+		// percent-encoded: sent raw, the request line would not be what
+		// a partner's server reads back, nor what was signed. The
+		// scheme and authority are left as written.
+		from := max(authorityEnd, 0)
+		for i := range t.parts {
+			if p := &t.parts[i]; p.macro == literal {
+				p.lit = p.lit[:from] + escapeLiteral(p.lit[from:])
+			}
+			from = 0
+		}
+	}
 	// The host is known, whatever else is wrong, when the URL parses with
 	// a scheme and a host written out before any macro or unclosed "{":
 	// the caller checks it too, so that every problem is reported at once.
@@ -281,6 +294,50 @@ var unreserved = func() (t [256]bool) {
 	t['-'], t['_'], t['.'], t['~'] = true, true, true, true
 	return t
 }()
+
+// uriChars marks the bytes RFC 3986 allows anywhere after a URL's
+// authority as they are: unreserved, gen-delims and sub-delims. A "%" is
+// allowed only where it starts an escape.
+var uriChars = func() [256]bool {
+	t := unreserved
+	for _, c := range ":/?#[]@!$&'()*+,;=" {
+		t[c] = true
+	}
+	return t
+}()
+
+// escapeLiteral percent-encodes, upper case, every byte of a template's
+// literal text that a URI may not hold: non-ASCII bytes (UTF-8 text
+// becomes its UTF-8 escapes), the ASCII characters double quote, < > \ ^
+// backquote { | }, and a "%" that starts no escape. Escapes already
+// written stay as they are. (Spaces and control bytes do not get here:
+// they are load errors.) The encoded text means the same to any server;
+// only its bytes are now those of a valid request target.
+func escapeLiteral(s string) string {
+	const hex = "0123456789ABCDEF"
+	var b []byte // nil while s needs no change
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if uriChars[c] || c == '%' && i+2 < len(s) && isHex(s[i+1]) && isHex(s[i+2]) {
+			if b != nil {
+				b = append(b, c)
+			}
+			continue
+		}
+		if b == nil {
+			b = append(make([]byte, 0, len(s)+16), s[:i]...)
+		}
+		b = append(b, '%', hex[c>>4], hex[c&15])
+	}
+	if b == nil {
+		return s
+	}
+	return string(b)
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
 
 // appendEscape appends s to dst with every byte but the unreserved ones
 // percent-encoded, without allocating. That is url.QueryEscape with a space

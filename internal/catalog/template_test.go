@@ -55,7 +55,8 @@ func TestTemplateAppend(t *testing.T) {
 		"https://p.example/pb?cv=cv-1&g=sale&p=1.3993&s=19.99&c=EUR&st=approved&tx=order%2042%2FB")
 	f("https://p.example/pb?ct={click_ts}&vt={conversion_ts}&c={click_id}", true,
 		"https://p.example/pb?ct=1700000000&vt=1700000123&c=0190b5c3f2a07c1d9e4b2a6f8c3d1e5a")
-	f("https://p.example/pb#}{sub1}", true, "https://p.example/pb#}a%26b%3Dc")
+	// A stray "}" is literal text, and not one a URI may hold as it is.
+	f("https://p.example/pb#}{sub1}", true, "https://p.example/pb#%7Da%26b%3Dc")
 	// In a path, + is a plus sign: a space must be %20 there.
 	f("https://shop.example/c/{sub2}/{sub4}?q={sub2}", false,
 		"https://shop.example/c/two%20words/%E2%82%AC%2F%3F%23%25%2B?q=two%20words")
@@ -109,6 +110,42 @@ func TestParseTemplateErrors(t *testing.T) {
 	f("http{sub1}://a.example/", false, "macros are not allowed in the URL's scheme or host")
 	f("/land?next=https://{sub1}/", false, "URL must be absolute http:// or https:// with a host")
 	f("https://a.example/\x7f", false, "malformed URL: net/url: invalid control character in URL")
+}
+
+// TestTemplateEscapesLiterals: bytes of a template's literal text that a
+// URI may not hold (RFC 3986) are percent-encoded, as UTF-8, upper case,
+// once, when the template is parsed; unreserved, reserved and sub-delim
+// characters and valid escapes are left as written. The request line is
+// then the URL as rendered, and a partner's server sees what was signed.
+func TestTemplateEscapesLiterals(t *testing.T) {
+	v := &Values{Sub: [5]string{"é|"}}
+	f := func(raw, want string) {
+		t.Helper()
+		tpl, err := ParseTemplate(raw, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := string(tpl.Append(nil, v))
+		if got != want {
+			t.Fatalf("rendering %s\ngot  %s\nwant %s", raw, got, want)
+		}
+		if tpl.String() != raw {
+			t.Fatalf("String() = %q, want %q as written", tpl.String(), raw)
+		}
+		// What Go's URL parser makes of it is the same request URI.
+		u, err := url.Parse(got)
+		if err != nil || u.RequestURI() != strings.TrimPrefix(strings.TrimPrefix(got, "https://p.example"), "https://ü.example") {
+			t.Fatalf("%s reads back as request URI %q (%v)", got, u.RequestURI(), err)
+		}
+	}
+	f("https://p.example/é|/{sub1}?a=é|&b={sub1}", "https://p.example/%C3%A9%7C/%C3%A9%7C?a=%C3%A9%7C&b=%C3%A9%7C")
+	f(`https://p.example/x?q="<>\^`+"`"+`}`, "https://p.example/x?q=%22%3C%3E%5C%5E%60%7D")
+	// Reserved, sub-delims and escapes as written: no double encoding.
+	f("https://p.example/a:b@c!$&'()*+,;=/~._-?x=/?:@[]&y=%41%c3%a9", "https://p.example/a:b@c!$&'()*+,;=/~._-?x=/?:@[]&y=%41%c3%a9")
+	// A "%" that starts no escape is a percent sign.
+	f("https://p.example/?off=10%&z=%4", "https://p.example/?off=10%25&z=%254")
+	// The host is left alone.
+	f("https://ü.example/é", "https://ü.example/%C3%A9")
 }
 
 // TestAppendEscapeMatchesStdlib: appendEscape is url.QueryEscape with a
