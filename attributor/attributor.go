@@ -95,7 +95,7 @@ type attributor struct {
 	client  *kafka.Client
 	crashed atomic.Bool
 	// invalidLog limits the log lines about undecodable records.
-	invalidLog logLimiter
+	invalidLog ops.LogLimiter
 	fatal      context.CancelCauseFunc
 
 	mu         sync.Mutex
@@ -365,14 +365,4 @@ func (a *attributor) watchStoreSize(ctx context.Context) {
 		case <-t.C:
 		}
 	}
-}
-
-// logLimiter lets one message through per second, so that a stream of bad
-// records does not flood the log. (The edge has the same for its own.)
-type logLimiter struct{ last atomic.Int64 }
-
-func (l *logLimiter) allow() bool {
-	now := time.Now().Unix()
-	last := l.last.Load()
-	return now > last && l.last.CompareAndSwap(last, now)
 }

@@ -316,7 +316,7 @@ func (a *attributor) crash(step string, records int) bool {
 // most one a second: a producer writing garbage must not flood the log.
 // The metric counts them all.
 func (w *worker) logInvalid(invalid []invalidRecord) {
-	if len(invalid) == 0 || !w.a.invalidLog.allow() {
+	if len(invalid) == 0 || !w.a.invalidLog.Allow() {
 		return
 	}
 	r := invalid[0]

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/ops"
 	"github.com/trackstar/trackstar/schemas"
 )
 
@@ -88,7 +89,7 @@ type producer struct {
 	flightCancel context.CancelFunc
 	flightDone   chan struct{}
 
-	kafkaErrorLog, spoolErrorLog logLimiter
+	kafkaErrorLog, spoolErrorLog ops.LogLimiter
 }
 
 var (
@@ -255,18 +256,8 @@ func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
 	}
 }
 
-// logLimiter lets one message through per second, so that an outage at
-// thousands of requests a second does not flood the log.
-type logLimiter struct{ last atomic.Int64 }
-
-func (l *logLimiter) allow() bool {
-	now := time.Now().Unix()
-	last := l.last.Load()
-	return now > last && l.last.CompareAndSwap(last, now)
-}
-
 func (p *producer) logKafkaError(err error) {
-	if p.kafkaErrorLog.allow() {
+	if p.kafkaErrorLog.Allow() {
 		p.log.Warn("Kafka did not take an event; spooling", "err", err)
 	}
 }
@@ -275,7 +266,7 @@ func (p *producer) toSpool(ev *event, now time.Time) (produceResult, error) {
 	wasActive := p.spool.active.Load()
 	if err := p.spool.append(ev.topic, ev.key, ev.value, now); err != nil {
 		p.m.spoolErrors.Inc()
-		if p.spoolErrorLog.allow() {
+		if p.spoolErrorLog.Allow() {
 			p.log.Error("cannot spool an event; answering 503", "topic", topicNames[ev.topic], "err", err)
 		}
 		return resultFailed, errSpoolUnavailable
