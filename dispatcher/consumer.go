@@ -111,8 +111,18 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 	// handedOver is closed when the last generation's commit loop has
 	// returned: its hand-over done and its last commit made.
 	var handedOver chan struct{}
+	lastGen := int32(-1)
 	for {
 		gen, err := cg.Next(ctx)
+		if err == nil && gen.ID != lastGen+1 || err != nil && ctx.Err() == nil {
+			// Not the generation after our last one: the group went on
+			// without this member for a while (its session expired, say),
+			// and another member may have owned any partition meanwhile.
+			d.forgetLearned(nil)
+		}
+		if err == nil {
+			lastGen = gen.ID
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				// Closing the group ends the generation at once, and with
@@ -146,13 +156,7 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 		for _, a := range gen.Assignments[bus.TopicConversions] {
 			assigned[a.ID] = true
 		}
-		d.learnedMu.Lock()
-		for p := range d.learned {
-			if !assigned[p] {
-				delete(d.learned, p) // another member may own it meanwhile
-			}
-		}
-		d.learnedMu.Unlock()
+		d.forgetLearned(assigned) // another member may own the others meanwhile
 		for _, a := range gen.Assignments[bus.TopicConversions] {
 			parts = append(parts, a.ID)
 			tr := newOffsetTracker(a.Offset)
@@ -223,10 +227,23 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 	}
 }
 
+// forgetLearned forgets the partitions not in keep (all when keep is nil):
+// they must be learned again before they are read.
+func (d *dispatcher) forgetLearned(keep map[int]bool) {
+	d.learnedMu.Lock()
+	defer d.learnedMu.Unlock()
+	for p := range d.learned {
+		if !keep[p] {
+			delete(d.learned, p)
+		}
+	}
+}
+
 // learn runs learnPartition for a partition new to this member, retrying
 // until it succeeds; it reports false when ctx ends first. A partition the
-// member kept from its last generation is known already: no other member
-// owned it in between.
+// member kept from the generation before is known already: no other member
+// owned it in between. (consume forgets every partition when the member
+// missed a generation.)
 func (d *dispatcher) learn(ctx context.Context, partition int) bool {
 	d.learnedMu.Lock()
 	known := d.learned[partition]

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -367,5 +368,58 @@ func TestShutdownCommitsWhatTheDrainFinished(t *testing.T) {
 	if got != 1 || n != 1 {
 		t.Fatalf("after a clean shutdown that finished the delivery during the drain: committed offset %d (want 1); "+
 			"the partner got the postback %d times (want 1)", got, n)
+	}
+}
+
+// A dispatcher the group expels (its session expired: a long pause) and
+// that then rejoins must learn again what happened to its partitions
+// meanwhile: another member owned them and delivered. It is not the
+// member's next generation, so it forgets what it had learned.
+func TestExpelledMemberLearnsAgain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("pauses a dispatcher process past its session timeout")
+	}
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	configPath := filepath.Join(t.TempDir(), "trackstar.yaml")
+	config := fmt.Sprintf("allow_private_partner_urls: true\ndelivery:\n  timeout: 2s\n  retries: [1s]\naffiliates:\n%s",
+		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	joins := func(c *childProcess) int { return strings.Count(c.stderr.String(), `msg="joined consumer group"`) }
+
+	child := startChild(t, addr, t.TempDir(), configPath)
+	first := newConversion(7)
+	produce(t, addr, first)
+	waitFor(t, "the dispatcher process to deliver", func() bool {
+		return recs.hasOutcome(t, first.ConversionID, schemas.OutcomeDelivered)
+	})
+	if err := child.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	cont := func() { _ = child.cmd.Process.Signal(syscall.SIGCONT) }
+	defer cont()
+
+	// While it is paused, and once its session has expired, another
+	// dispatcher owns the partition and delivers a conversion.
+	cat := holder(t, true, "2s", "[1s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+	_, stopOther := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat, SessionTimeout: 6 * time.Second})
+	c := newConversion(7)
+	produce(t, addr, c)
+	waitFor(t, "the other dispatcher to deliver", func() bool { return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) })
+	stopOther()
+
+	cont()
+	waitFor(t, "the paused dispatcher to rejoin", func() bool { return joins(child) >= 2 })
+	produce(t, addr, c) // read again, as after an attributor's rebuild
+	waitFor(t, "the replay to be read", func() bool {
+		return strings.Contains(child.stderr.String(), "learned the recent deliveries") ||
+			len(p.requestsFor(c.ConversionID)) > 1
+	})
+	time.Sleep(500 * time.Millisecond) // a repeat would be on its way by now
+	if n := len(p.requestsFor(c.ConversionID)); n != 1 {
+		t.Fatalf("the partner got %d requests for a conversion delivered once, then read again by a member that had been expelled", n)
 	}
 }
