@@ -347,19 +347,26 @@ func (w *worker) send(ctx context.Context, out []outRecord) error {
 			convs = append(convs, m)
 		}
 	}
-	// Conversions first: their time after ctx ends is bounded (see
-	// produce), for a rebuild elsewhere; a late dead letter harms no one.
-	if err := w.produce(ctx, w.a.writer, bus.TopicConversions, convs); err != nil {
+	// Conversions first, with a bounded time after ctx ends (see
+	// produce). Dead letters get none: the hand-over of the partition
+	// must not wait for them too. One not sent stays in the outbox, and
+	// the offsets past it uncommitted, so the partition's next owner
+	// reads the record again and dead-letters it itself.
+	if err := w.produce(ctx, w.a.writer, bus.TopicConversions, convs, w.a.cfg.RebalanceTimeout/2); err != nil {
 		return err
 	}
-	return w.produce(ctx, w.a.dlq, bus.TopicDLQ, dead)
+	return w.produce(ctx, w.a.dlq, bus.TopicDLQ, dead, 0)
 }
 
 // produce writes msgs to topic with wr, retrying what failed until Kafka
-// has them all or ctx ends.
-func (w *worker) produce(ctx context.Context, wr *kafka.Writer, topic string, msgs []kafka.Message) error {
+// has them all or ctx ends; a write under way when ctx ends may go on for
+// grace.
+func (w *worker) produce(ctx context.Context, wr *kafka.Writer, topic string, msgs []kafka.Message, grace time.Duration) error {
 	if len(msgs) == 0 {
 		return nil
+	}
+	if grace == 0 && ctx.Err() != nil {
+		return ctx.Err()
 	}
 	backoff := 100 * time.Millisecond
 	for {
@@ -369,7 +376,7 @@ func (w *worker) produce(ctx context.Context, wr *kafka.Writer, topic string, ms
 		// rejoin: past RebalanceTimeout the partition's next owner
 		// rebuilds it from the conversions topic, and a write landing
 		// after that rebuild would have its postbacks decided twice.
-		wctx, cancel := outlive(ctx, w.a.cfg.RebalanceTimeout/2, 30*time.Second)
+		wctx, cancel := outlive(ctx, grace, 30*time.Second)
 		err := wr.WriteMessages(wctx, msgs...)
 		cancel()
 		if err == nil {
