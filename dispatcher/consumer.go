@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sort"
 	"sync"
 	"time"
@@ -239,6 +240,22 @@ func (d *dispatcher) forgetLearned(keep map[int]bool) {
 	}
 }
 
+// learnHealth reports the partitions not read because their learning
+// fails.
+func (d *dispatcher) learnHealth() error {
+	d.learnedMu.Lock()
+	defer d.learnedMu.Unlock()
+	if len(d.learnFailing) == 0 {
+		return nil
+	}
+	parts := make([]int, 0, len(d.learnFailing))
+	for p := range d.learnFailing {
+		parts = append(parts, p)
+	}
+	sort.Ints(parts)
+	return fmt.Errorf("partitions %v not read: cannot read their recent deliveries first: %w", parts, d.learnFailing[parts[0]])
+}
+
 // learn runs learnPartition for a partition new to this member, retrying
 // until it succeeds; it reports false when ctx ends first. A partition the
 // member kept from the generation before is known already: no other member
@@ -262,14 +279,23 @@ func (d *dispatcher) learn(ctx context.Context, partition int) bool {
 			}
 			d.learnedMu.Lock()
 			d.learned[partition] = true
+			delete(d.learnFailing, partition)
 			d.learnedMu.Unlock()
 			return true
 		}
 		if ctx.Err() != nil {
+			d.learnedMu.Lock()
+			delete(d.learnFailing, partition) // no longer ours, or stopping
+			d.learnedMu.Unlock()
 			return false
 		}
-		d.log.Warn("cannot read the recent deliveries of a partition new to this dispatcher; retrying before reading its conversions",
-			"partition", partition, "err", err)
+		d.learnedMu.Lock()
+		d.learnFailing[partition] = err
+		d.learnedMu.Unlock()
+		if d.learnLog.Allow() {
+			d.log.Warn("cannot read the recent deliveries of a partition new to this dispatcher; retrying before reading its conversions",
+				"partition", partition, "err", err)
+		}
 		select {
 		case <-ctx.Done():
 			return false

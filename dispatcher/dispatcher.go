@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/trackstar/trackstar/internal/ops"
 )
 
 // dispatcher is one running dispatcher: the consumer and the engine.
@@ -25,6 +27,10 @@ type dispatcher struct {
 	// since it learned their deliveries (see learnPartition).
 	learnedMu sync.Mutex
 	learned   map[int]bool
+	// learnFailing holds the partitions whose learning failed last time,
+	// with the error: /readyz lists them, since they are not read.
+	learnFailing map[int]error
+	learnLog     ops.LogLimiter
 
 	cancel    context.CancelFunc
 	fatalOnce sync.Once
@@ -65,7 +71,8 @@ func Run(ctx context.Context, cfg Config) error {
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	d := &dispatcher{cfg: &cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registry), cancel: cancel, learned: map[int]bool{}}
+	d := &dispatcher{cfg: &cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registry), cancel: cancel,
+		learned: map[int]bool{}, learnFailing: map[int]error{}}
 	d.engine, err = newEngine(d.cfg, d.metrics, store, d.fatal)
 	if err != nil {
 		return err
@@ -74,6 +81,9 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.Health.Register("dispatcher", func() error {
 			if !d.joined.Load() {
 				return errors.New("not yet a member of consumer group " + cfg.Group)
+			}
+			if err := d.learnHealth(); err != nil {
+				return err
 			}
 			return d.engine.health()
 		})

@@ -1,6 +1,7 @@
 package dispatcher_test
 
 import (
+	"context"
 	"net/http"
 	"slices"
 	"strings"
@@ -8,8 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/segmentio/kafka-go"
+
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/ops"
 	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -181,4 +185,41 @@ func TestNextOwnerDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
 	if got := metric(t, regB, "trackstar_dispatcher_conversions_total", "result", "superseded"); got != 1 {
 		t.Errorf("superseded conversions %v, want 1", got)
 	}
+}
+
+// A partition whose deliveries cannot be learned is not read, and
+// readiness says so until they can be.
+func TestPartitionNotLearnedIsNotReady(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.Kafka(t)
+	client := &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second}
+	create := func(topic string) {
+		t.Helper()
+		resp, err := client.CreateTopics(context.Background(), &kafka.CreateTopicsRequest{
+			Topics: []kafka.TopicConfig{{Topic: topic, NumPartitions: 1, ReplicationFactor: 1}},
+		})
+		if err == nil {
+			err = resp.Errors[topic]
+		}
+		if err != nil {
+			t.Fatalf("cannot create %s: %v", topic, err)
+		}
+	}
+	create(bus.TopicConversions) // no trackstar.deliveries yet
+	health := &ops.Health{}
+	cat := holder(t, true, "5s", "[1s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat, Health: health})
+	c := newConversion(7)
+	produce(t, addr, c)
+	waitFor(t, "readiness to name the partition not read", func() bool {
+		err := health.Ready()
+		return err != nil && strings.Contains(err.Error(), "partitions [0] not read")
+	})
+	if n := len(p.requests()); n != 0 {
+		t.Fatalf("the partner got %d requests from a partition not learned", n)
+	}
+	create(bus.TopicDeliveries)
+	create(bus.TopicDLQ)
+	waitFor(t, "the conversion delivered", func() bool { return len(p.requestsFor(c.ConversionID)) == 1 })
+	waitFor(t, "readiness", func() bool { return health.Ready() == nil })
 }

@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 
@@ -25,7 +26,7 @@ import (
 // It reads trackstar.deliveries, keyed by click ID like the conversions,
 // from DedupWindow ago to its end: every delivery record of a final
 // outcome (delivered, failed, dead) becomes a marker, and every record's
-// version a version note. A retrying record makes no marker: it is
+// version a version note (see learner). A retrying record makes no marker: it is
 // written before the schedule entry it stands for is synced, and a crash
 // between the two leaves the conversion to be read again from Kafka and
 // sent — by whoever owns it then.
@@ -47,37 +48,39 @@ func (d *dispatcher) learnPartition(ctx context.Context, client *kafka.Client, p
 	from, to := partition, partition+1
 	if nConv != nDel {
 		from, to = 0, nDel
+		d.log.Warn("trackstar.deliveries has another partition count than trackstar.conversions: "+
+			"a dispatcher given a partition reads every partition of the deliveries",
+			"conversions_partitions", nConv, "deliveries_partitions", nDel)
 	}
 	now := d.cfg.Now()
-	var markers []string
-	versions := map[string]uint32{}
+	l := d.engine.store.newLearner(now, d.cfg.DedupWindow)
+	defer l.close()
 	for q := from; q < to; q++ {
-		err := d.readDeliveries(ctx, client, q, now.Add(-d.cfg.DedupWindow), func(key []byte, rec *schemas.Delivery) {
+		err := d.readDeliveries(ctx, client, q, now.Add(-d.cfg.DedupWindow), func(key []byte, rec *schemas.Delivery) error {
 			if nConv != nDel && bus.PartitionFor(key, nConv) != partition {
-				return
+				return nil
 			}
-			switch rec.Outcome {
-			case schemas.OutcomeDelivered, schemas.OutcomeFailed, schemas.OutcomeDead:
-				markers = append(markers, jobKey(rec.ConversionID, rec.Version))
-			}
-			versions[rec.ConversionID] = max(versions[rec.ConversionID], rec.Version)
+			return l.add(rec)
 		})
+		if se := (storeError{}); errors.As(err, &se) {
+			d.fatal(se.err)
+		}
 		if err != nil {
 			return 0, err
 		}
 	}
-	if err := d.engine.store.learn(markers, versions, now, d.cfg.DedupWindow); err != nil {
+	if err := l.finish(); err != nil {
 		d.fatal(err)
 		return 0, err
 	}
-	return len(markers), nil
+	return l.markers, nil
 }
 
 // readDeliveries calls fn for every decodable record of partition q of
 // trackstar.deliveries from time since up to the partition's end as it
 // is now.
 func (d *dispatcher) readDeliveries(ctx context.Context, client *kafka.Client, q int, since time.Time,
-	fn func(key []byte, rec *schemas.Delivery)) error {
+	fn func(key []byte, rec *schemas.Delivery) error) error {
 	end, err := bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.LastOffsetOf(q))
 	if err != nil {
 		return err
@@ -101,42 +104,83 @@ func (d *dispatcher) readDeliveries(ctx context.Context, client *kafka.Client, q
 		}
 		next = m.Offset + 1
 		if rec, err := schemas.DecodeDelivery(m.Value); err == nil {
-			fn(m.Key, &rec)
+			if err := fn(m.Key, &rec); err != nil {
+				return storeError{err}
+			}
 		}
 	}
 	return nil
 }
 
-// learn writes markers for jobIDs and version notes for versions (newest
-// version by conversion ID) that the store lacks, in one synced batch.
-func (s *scheduleStore) learn(jobIDs []string, versions map[string]uint32, now time.Time, window time.Duration) error {
-	b := s.db.NewBatch()
-	defer b.Close()
-	bucket := bucketOf(now, window)
-	for _, id := range jobIDs {
-		if err := b.Set(markerKey(bucket, id), nil, nil); err != nil {
-			return err
+// storeError is a failure of the store, not of Kafka: fatal, not retried.
+type storeError struct{ err error }
+
+func (e storeError) Error() string { return e.err.Error() }
+func (e storeError) Unwrap() error { return e.err }
+
+// learner writes what learnPartition reads into the store: a batch
+// committed whenever it grows past learnBatchBytes, so that an hour of a
+// busy partition's deliveries is never held in memory, and synced once at
+// the end.
+type learner struct {
+	s        *scheduleStore
+	b        *pebble.Batch
+	now      time.Time
+	window   time.Duration
+	markers  int
+	versions map[string]uint32 // newest version 2 or later noted in this pass
+}
+
+const learnBatchBytes = 4 << 20
+
+func (s *scheduleStore) newLearner(now time.Time, window time.Duration) *learner {
+	return &learner{s: s, b: s.db.NewBatch(), now: now, window: window, versions: map[string]uint32{}}
+}
+
+// add takes one delivery record. A final outcome becomes a marker in the
+// bucket of the record's own time, so that it lasts as long as the one
+// its writer keeps (one to two windows after the record), and none when
+// that has passed. A version 2 or later becomes a version note unless the
+// store knows a newer one.
+func (l *learner) add(rec *schemas.Delivery) error {
+	switch rec.Outcome {
+	case schemas.OutcomeDelivered, schemas.OutcomeFailed, schemas.OutcomeDead:
+		if bucket := bucketOf(time.UnixMilli(rec.TS), l.window); bucket+1 >= bucketOf(l.now, l.window) {
+			if err := l.b.Set(markerKey(bucket, jobKey(rec.ConversionID, rec.Version)), nil, nil); err != nil {
+				return err
+			}
+			l.markers++
 		}
 	}
-	for id, v := range versions {
-		if v < 2 {
-			continue
-		}
-		latest, err := s.latestVersion(id, now)
+	if rec.Version >= 2 && rec.Version > l.versions[rec.ConversionID] {
+		latest, err := l.s.latestVersion(rec.ConversionID, l.now)
 		if err != nil {
 			return err
 		}
-		if latest < v {
-			if err := b.Set(versionKey(dayOf(now), id), binary.BigEndian.AppendUint32(nil, v), nil); err != nil {
+		l.versions[rec.ConversionID] = max(latest, rec.Version)
+		if latest < rec.Version {
+			if err := l.b.Set(versionKey(dayOf(l.now), rec.ConversionID), binary.BigEndian.AppendUint32(nil, rec.Version), nil); err != nil {
 				return err
 			}
 		}
 	}
-	if b.Empty() {
-		return nil
+	if l.b.Len() > learnBatchBytes {
+		if err := l.b.Commit(pebble.NoSync); err != nil {
+			return fmt.Errorf("cannot write what other dispatchers delivered: %w", err)
+		}
+		l.b.Close()
+		l.b = l.s.db.NewBatch()
 	}
-	if err := b.Commit(pebble.Sync); err != nil {
+	return nil
+}
+
+// finish commits what is left, synced: the markers and notes of the
+// batches before are synced with it.
+func (l *learner) finish() error {
+	if err := l.b.Commit(pebble.Sync); err != nil {
 		return fmt.Errorf("cannot write what other dispatchers delivered: %w", err)
 	}
 	return nil
 }
+
+func (l *learner) close() { l.b.Close() }

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/trackstar/trackstar/internal/catalog"
+	"github.com/trackstar/trackstar/schemas"
 )
 
 func TestOffsetTracker(t *testing.T) {
@@ -307,5 +308,63 @@ func TestMetricsExistBeforeTheirFirstEvent(t *testing.T) {
 		if series[name] != want {
 			t.Errorf("%s: %d series at start, want %d", name, series[name], want)
 		}
+	}
+}
+
+// A marker learned from another dispatcher's delivery record lasts as long
+// as the one its writer keeps: filed in the bucket of the record's time,
+// not of the learning. An expired one is not filed at all.
+func TestLearnerFilesMarkersByTheRecordsTime(t *testing.T) {
+	s, err := openScheduleStore(t.TempDir(), slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const window = time.Hour
+	bucketStart := time.Unix(int64(bucketOf(time.Unix(1_800_000_000, 0), window))*3600, 0)
+	recorded := bucketStart.Add(50 * time.Minute) // late in its bucket
+	learnedAt := recorded.Add(20 * time.Minute)   // the next bucket
+	rec := func(id string, version uint32, outcome string, at time.Time) *schemas.Delivery {
+		return &schemas.Delivery{ConversionID: id, Version: version, Outcome: outcome, TS: at.UnixMilli()}
+	}
+	l := s.newLearner(learnedAt, window)
+	for _, r := range []*schemas.Delivery{
+		rec("dead", 1, schemas.OutcomeDead, recorded),
+		rec("expired", 1, schemas.OutcomeDelivered, recorded.Add(-2*window)),
+		rec("retrying", 1, schemas.OutcomeRetrying, recorded),
+		rec("updated", 2, schemas.OutcomeRetrying, recorded),
+		rec("updated", 1, schemas.OutcomeDelivered, recorded),
+	} {
+		if err := l.add(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.finish(); err != nil {
+		t.Fatal(err)
+	}
+	l.close()
+	seen := func(id string, at time.Time) bool {
+		t.Helper()
+		ok, err := s.seen(id, at, window)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	if !seen("dead/1", learnedAt) || !seen("updated/1", learnedAt) {
+		t.Fatal("final outcomes not learned")
+	}
+	if seen("retrying/1", learnedAt) || seen("updated/2", learnedAt) {
+		t.Fatal("a retrying record became a marker")
+	}
+	if seen("expired/1", learnedAt) {
+		t.Fatal("a record older than its writer's markers became a marker")
+	}
+	// The writer's marker is gone two buckets after the record: so is ours.
+	if at := bucketStart.Add(2 * window); seen("dead/1", at) {
+		t.Fatalf("learned marker still there at %v, two windows after the record's bucket began", at.Sub(recorded))
+	}
+	if v, err := s.latestVersion("updated", learnedAt); err != nil || v != 2 {
+		t.Fatalf("version note %d, %v; want 2", v, err)
 	}
 }
