@@ -658,10 +658,15 @@ func TestAttributorDeadLettersUndecodablePostbacks(t *testing.T) {
 	c := schemas.Click{V: schemas.Version, ClickID: schemas.NewID(now), TS: now.UnixMilli(), OfferID: 1, AdvertiserID: 1, AffID: 7}
 	good := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: c.ClickID, TS: now.UnixMilli(), AdvertiserID: 1, Goal: "default", Amount: "19.99"}
 	key := []byte(c.ClickID)
+	nulID := good
+	nulID.EventID = "\x00" + schemas.NewID(now)
 	bad := [][]byte{
 		[]byte(`{"v":2,"event_id":"` + schemas.NewID(now) + `","click_id":"` + c.ClickID + `"}`),
 		{0xff, 0xfe, '{'},
 		[]byte(`{"v":1,"click_id":"` + c.ClickID + `","ts":1}`),
+		// Not an ID the edge mints; its first byte would make its outbox
+		// entry read as a dead letter's.
+		nulID.AppendJSON(nil),
 	}
 	produce(t, addr, bus.TopicClicks, clickMessages([]schemas.Click{c}))
 	var msgs []kafka.Message

@@ -285,8 +285,11 @@ func (p *partition) addClick(w *work, cat *catalog.Catalog, offset int64, value 
 func (p *partition) addPostback(w *work, cat *catalog.Catalog, offset int64, key, value []byte, now time.Time) error {
 	p.meta.PostbacksNext = offset + 1
 	pb, err := schemas.DecodePostback(value)
-	if err == nil && pb.EventID == "" {
-		err = errors.New("cannot decode postback event: no event_id")
+	if err == nil && !schemas.ValidID(pb.EventID) {
+		// The edge mints every event ID; the outbox also tells a
+		// conversion's entry (its event ID) from a dead letter's (a 0x00
+		// byte first) by it.
+		err = fmt.Errorf("cannot decode postback event: event_id %q is not a Trackstar ID", pb.EventID)
 	}
 	if err != nil {
 		p.m.invalidPostbacks.Inc()
