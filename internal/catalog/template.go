@@ -176,12 +176,18 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 			authorityEnd = i + len("://") + end
 		}
 	}
-	u, err := url.Parse(s)
+	// The text after the authority is checked as it will go out (see
+	// escapeLiteral below), so that a bare "%" anywhere is text, not an
+	// escape url.Parse refuses.
+	from := max(authorityEnd, 0)
+	u, err := url.Parse(s[:from] + escapeLiteral(s[from:]))
 	switch {
 	case unclosed:
 		// The shape of a URL cut short would only add noise.
 	case strings.ContainsAny(raw, " \t\r\n"):
 		problems = append(problems, "URL must not contain spaces (write %20 or +)")
+	case strings.ContainsFunc(raw, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+		problems = append(problems, "URL must not contain control characters")
 	case firstMacro >= 0 && firstMacro < authorityEnd:
 		problems = append(problems, "macros are not allowed in the URL's scheme or host")
 	case err != nil:
@@ -196,7 +202,6 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 		// percent-encoded: sent raw, the request line would not be what
 		// a partner's server reads back, nor what was signed. The
 		// scheme and authority are left as written.
-		from := max(authorityEnd, 0)
 		for i := range t.parts {
 			if p := &t.parts[i]; p.macro == literal {
 				p.lit = p.lit[:from] + escapeLiteral(p.lit[from:])
@@ -204,12 +209,13 @@ func parseTemplate(raw string, partner bool) (*Template, []string) {
 			from = 0
 		}
 	}
-	// The host is known, whatever else is wrong, when the URL parses with
-	// a scheme and a host written out before any macro or unclosed "{":
-	// the caller checks it too, so that every problem is reported at once.
-	if !(unclosed && unclosedAt <= authorityEnd) && err == nil && !(firstMacro >= 0 && firstMacro < authorityEnd) &&
-		(u.Scheme == "http" || u.Scheme == "https") && u.Hostname() != "" {
-		t.host = u.Hostname()
+	// The host is known, whatever else is wrong, when the URL's scheme and
+	// authority, written out before any macro or unclosed "{", parse: the
+	// caller checks it too, so that every problem is reported at once.
+	if authorityEnd > 0 && !(unclosed && unclosedAt <= authorityEnd) && !(firstMacro >= 0 && firstMacro < authorityEnd) {
+		if a, err := url.Parse(s[:authorityEnd]); err == nil && (a.Scheme == "http" || a.Scheme == "https") && a.Hostname() != "" {
+			t.host = a.Hostname()
+		}
 	}
 	return t, problems
 }

@@ -109,7 +109,30 @@ func TestParseTemplateErrors(t *testing.T) {
 	f("{source}://a.example/", false, "macros are not allowed in the URL's scheme or host")
 	f("http{sub1}://a.example/", false, "macros are not allowed in the URL's scheme or host")
 	f("/land?next=https://{sub1}/", false, "URL must be absolute http:// or https:// with a host")
-	f("https://a.example/\x7f", false, "malformed URL: net/url: invalid control character in URL")
+	f("https://a.example/\x7f", false, "URL must not contain control characters")
+	f("https://a.example/x\x01y", false, "URL must not contain control characters")
+}
+
+// A bare "%" is text wherever it stands after the host, as the operator
+// docs say: it goes out as %25, in the path and fragment too, where
+// url.Parse alone would refuse it.
+func TestTemplateBarePercent(t *testing.T) {
+	for raw, want := range map[string]string{
+		"https://p.example/50%off/{click_id}":       "https://p.example/50%25off/c1",
+		"https://p.example/sale-100%/?c={click_id}": "https://p.example/sale-100%25/?c=c1",
+		"https://p.example/a#top%{click_id}":        "https://p.example/a#top%25c1",
+		"https://p.example/a%20b?c={click_id}":      "https://p.example/a%20b?c=c1",
+		"https://p.example/pb%zz?x={click_id}":      "https://p.example/pb%25zz?x=c1",
+	} {
+		tpl, err := ParseTemplate(raw, false)
+		if err != nil {
+			t.Errorf("%s: %v", raw, err)
+			continue
+		}
+		if got := string(tpl.Append(nil, &Values{ClickID: "c1"})); got != want {
+			t.Errorf("%s renders %s, want %s", raw, got, want)
+		}
+	}
 }
 
 // TestTemplateEscapesLiterals: bytes of a template's literal text that a
