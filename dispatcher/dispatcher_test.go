@@ -186,9 +186,11 @@ func TestClientErrorIsFinal(t *testing.T) {
 	if n := len(redirectTarget.requests()); n != 0 {
 		t.Fatalf("the redirect was followed (%d requests)", n)
 	}
-	if got := metric(t, reg, "trackstar_dispatcher_deliveries_total", "outcome", "failed"); got != 2 {
-		t.Fatalf("deliveries_total{outcome=failed} = %v, want 2", got)
-	}
+	// Counted once the records are written (settled says only that no
+	// request is in flight), so maybe a moment after.
+	waitFor(t, "deliveries_total{outcome=failed} = 2", func() bool {
+		return metric(t, reg, "trackstar_dispatcher_deliveries_total", "outcome", "failed") == 2
+	})
 }
 
 // 429 is retried, and no sooner than its Retry-After says, even when the
