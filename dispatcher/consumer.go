@@ -238,6 +238,20 @@ func (d *dispatcher) forgetLearned(keep map[int]bool) {
 			delete(d.learned, p)
 		}
 	}
+	if keep != nil {
+		for p := range d.learnFailing {
+			if !keep[p] {
+				delete(d.learnFailing, p) // not ours any more
+			}
+		}
+	}
+}
+
+// dropLearnFailure forgets that learning partition failed.
+func (d *dispatcher) dropLearnFailure(partition int) {
+	d.learnedMu.Lock()
+	delete(d.learnFailing, partition)
+	d.learnedMu.Unlock()
 }
 
 // learnHealth reports the partitions not read because their learning
@@ -284,9 +298,7 @@ func (d *dispatcher) learn(ctx context.Context, partition int) bool {
 			return true
 		}
 		if ctx.Err() != nil {
-			d.learnedMu.Lock()
-			delete(d.learnFailing, partition) // no longer ours, or stopping
-			d.learnedMu.Unlock()
+			d.dropLearnFailure(partition) // no longer ours, or stopping
 			return false
 		}
 		d.learnedMu.Lock()
@@ -298,6 +310,7 @@ func (d *dispatcher) learn(ctx context.Context, partition int) bool {
 		}
 		select {
 		case <-ctx.Done():
+			d.dropLearnFailure(partition)
 			return false
 		case <-time.After(time.Second):
 		}

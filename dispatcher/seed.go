@@ -131,21 +131,24 @@ type learner struct {
 	versions map[string]uint32 // newest version 2 or later noted in this pass
 }
 
-const learnBatchBytes = 4 << 20
+const learnBatchBytes = 1 << 20 // under Pebble's large-batch threshold
 
 func (s *scheduleStore) newLearner(now time.Time, window time.Duration) *learner {
 	return &learner{s: s, b: s.db.NewBatch(), now: now, window: window, versions: map[string]uint32{}}
 }
 
 // add takes one delivery record. A final outcome becomes a marker in the
-// bucket of the record's own time, so that it lasts as long as the one
-// its writer keeps (one to two windows after the record), and none when
-// that has passed. A version 2 or later becomes a version note unless the
+// bucket of the record's own time (its attempt's start), so that it lasts
+// at least DedupWindow after the record, as its writer's does (one to two
+// windows), and none when that has passed. A version 2 or later becomes a version note unless the
 // store knows a newer one.
 func (l *learner) add(rec *schemas.Delivery) error {
 	switch rec.Outcome {
 	case schemas.OutcomeDelivered, schemas.OutcomeFailed, schemas.OutcomeDead:
-		if bucket := bucketOf(time.UnixMilli(rec.TS), l.window); bucket+1 >= bucketOf(l.now, l.window) {
+		// Never later than now's bucket (a writer whose clock runs ahead:
+		// seen looks at now's bucket and the one before).
+		now := bucketOf(l.now, l.window)
+		if bucket := min(bucketOf(time.UnixMilli(max(rec.TS, 0)), l.window), now); bucket+1 >= now {
 			if err := l.b.Set(markerKey(bucket, jobKey(rec.ConversionID, rec.Version)), nil, nil); err != nil {
 				return err
 			}

@@ -1,8 +1,10 @@
 package dispatcher
 
 import (
+	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -366,5 +368,62 @@ func TestLearnerFilesMarkersByTheRecordsTime(t *testing.T) {
 	}
 	if v, err := s.latestVersion("updated", learnedAt); err != nil || v != 2 {
 		t.Fatalf("version note %d, %v; want 2", v, err)
+	}
+}
+
+// A partition whose learning failed and that then moved away (its reader's
+// context ended while learn waited to retry) is not left on /readyz.
+func TestLearnFailureForgottenWhenThePartitionMoves(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String()
+	ln.Close() // nothing listens: every try fails at once
+	d := &dispatcher{
+		cfg: &Config{Brokers: []string{closed}}, log: slog.Default(),
+		learned: map[int]bool{}, learnFailing: map[int]error{},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan bool)
+	go func() { done <- d.learn(ctx, 3) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for d.learnHealth() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("learning never failed")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	cancel() // the partition moves away during the wait before the next try
+	if <-done {
+		t.Fatal("learn reported success")
+	}
+	if err := d.learnHealth(); err != nil {
+		t.Fatalf("readiness still fails after the partition moved away: %v", err)
+	}
+}
+
+// A record of a writer whose clock runs a little ahead (in the learner's
+// next bucket) is a marker at once.
+func TestLearnedMarkerFromAClockAhead(t *testing.T) {
+	s, err := openScheduleStore(t.TempDir(), slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const window = time.Hour
+	boundary := time.Unix(int64(bucketOf(time.Unix(1_800_000_000, 0), window)+1)*3600, 0)
+	learnedAt := boundary.Add(-time.Second)
+	l := s.newLearner(learnedAt, window)
+	defer l.close()
+	rec := schemas.Delivery{ConversionID: "c", Version: 1, Outcome: schemas.OutcomeDelivered, TS: boundary.Add(500 * time.Millisecond).UnixMilli()}
+	if err := l.add(&rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.finish(); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := s.seen("c/1", learnedAt, window); err != nil || !ok {
+		t.Fatalf("a delivery recorded 1.5 s ahead of the learner's clock: seen %v, %v; want a marker", ok, err)
 	}
 }
