@@ -211,31 +211,38 @@ func (w *workload) postbackIDs(phase int) []string {
 type conversionLog struct {
 	mu      sync.Mutex
 	records [][]byte
-	cancel  context.CancelFunc
-	done    sync.WaitGroup
 }
 
 func readConversions(t *testing.T, addr string) *conversionLog {
+	l := &conversionLog{}
+	tailTopic(t, addr, bus.TopicConversions, func(m kafka.Message) {
+		l.mu.Lock()
+		l.records = append(l.records, m.Value)
+		l.mu.Unlock()
+	})
+	return l
+}
+
+// tailTopic reads every partition of topic from the start until the test
+// ends, handing each record to add (from several goroutines).
+func tailTopic(t *testing.T, addr, topic string, add func(kafka.Message)) {
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &conversionLog{cancel: cancel}
+	var done sync.WaitGroup
 	for p := range testPartitions {
-		r := kafka.NewReader(kafka.ReaderConfig{Brokers: []string{addr}, Topic: bus.TopicConversions, Partition: p,
+		r := kafka.NewReader(kafka.ReaderConfig{Brokers: []string{addr}, Topic: topic, Partition: p,
 			MaxWait: 200 * time.Millisecond, ReadLagInterval: -1})
-		l.done.Go(func() {
+		done.Go(func() {
 			defer r.Close()
 			for {
 				m, err := r.ReadMessage(ctx)
 				if err != nil {
 					return
 				}
-				l.mu.Lock()
-				l.records = append(l.records, m.Value)
-				l.mu.Unlock()
+				add(m)
 			}
 		})
 	}
-	t.Cleanup(func() { cancel(); l.done.Wait() })
-	return l
+	t.Cleanup(func() { cancel(); done.Wait() })
 }
 
 func (l *conversionLog) snapshot() []schemas.Conversion {
@@ -732,26 +739,12 @@ type deadLetterLog struct {
 }
 
 func readDeadLetters(t *testing.T, addr string) *deadLetterLog {
-	ctx, cancel := context.WithCancel(context.Background())
 	l := &deadLetterLog{}
-	var done sync.WaitGroup
-	for p := range testPartitions {
-		r := kafka.NewReader(kafka.ReaderConfig{Brokers: []string{addr}, Topic: bus.TopicDLQ, Partition: p,
-			MaxWait: 200 * time.Millisecond, ReadLagInterval: -1})
-		done.Go(func() {
-			defer r.Close()
-			for {
-				m, err := r.ReadMessage(ctx)
-				if err != nil {
-					return
-				}
-				l.mu.Lock()
-				l.msgs = append(l.msgs, m)
-				l.mu.Unlock()
-			}
-		})
-	}
-	t.Cleanup(func() { cancel(); done.Wait() })
+	tailTopic(t, addr, bus.TopicDLQ, func(m kafka.Message) {
+		l.mu.Lock()
+		l.msgs = append(l.msgs, m)
+		l.mu.Unlock()
+	})
 	return l
 }
 

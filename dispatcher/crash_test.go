@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -155,12 +154,7 @@ func TestKilledMidScheduleResumes(t *testing.T) {
 	addr := testenv.KafkaTopics(t, parts)
 	recs := collect(t, addr, bus.TopicDeliveries, parts)
 	dataDir := t.TempDir()
-	configPath := filepath.Join(t.TempDir(), "trackstar.yaml")
-	config := fmt.Sprintf("allow_private_partner_urls: true\ndelivery:\n  timeout: 2s\n  retries: [3s, 3s]\naffiliates:\n%s",
-		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
-	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	configPath := configFile(t, true, "2s", "[3s, 3s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
 	batch := func(n int) []schemas.Conversion {
 		var cs []schemas.Conversion
 		for range n {
@@ -257,11 +251,7 @@ func TestKilledBeforeItsCommitDoesNotSendAgain(t *testing.T) {
 	addr := testenv.KafkaTopics(t, 1)
 	recs := collect(t, addr, bus.TopicDeliveries, 1)
 	dataDir := t.TempDir()
-	configPath := filepath.Join(t.TempDir(), "trackstar.yaml")
-	config := fmt.Sprintf("allow_private_partner_urls: true\naffiliates:\n%s", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
-	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	configPath := configFile(t, true, "5s", "[10s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
 	delivered := func(cs ...schemas.Conversion) func() bool {
 		return func() bool {
 			for _, c := range cs {
@@ -382,12 +372,7 @@ func TestExpelledMemberLearnsAgain(t *testing.T) {
 	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
 	addr := testenv.KafkaTopics(t, 1)
 	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	configPath := filepath.Join(t.TempDir(), "trackstar.yaml")
-	config := fmt.Sprintf("allow_private_partner_urls: true\ndelivery:\n  timeout: 2s\n  retries: [1s]\naffiliates:\n%s",
-		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
-	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	configPath := configFile(t, true, "2s", "[1s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
 	joins := func(c *childProcess) int { return strings.Count(c.stderr.String(), `msg="joined consumer group"`) }
 
 	child := startChild(t, addr, t.TempDir(), configPath)

@@ -117,12 +117,7 @@ func reloadableHolder(t testing.TB, allowPrivate bool, timeout string, retries s
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "trackstar.yaml")
 	write := func(allowPrivate bool, affiliates ...string) string {
-		cfg := fmt.Sprintf("allow_private_partner_urls: %v\ndelivery:\n  timeout: %s\n  retries: %s\naffiliates:\n%s",
-			allowPrivate, timeout, retries, strings.Join(affiliates, ""))
-		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return cfg
+		return writeConfig(t, path, allowPrivate, timeout, retries, affiliates...)
 	}
 	cfg := write(allowPrivate, affiliates...)
 	h, err := catalog.NewHolder(path)
@@ -136,6 +131,25 @@ func reloadableHolder(t testing.TB, allowPrivate bool, timeout string, retries s
 			t.Fatalf("config does not reload: %v\n%s", err, cfg)
 		}
 	}
+}
+
+// configFile writes a config file with the delivery settings and
+// affiliates given, and returns its path.
+func configFile(t testing.TB, allowPrivate bool, timeout string, retries string, affiliates ...string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "trackstar.yaml")
+	writeConfig(t, path, allowPrivate, timeout, retries, affiliates...)
+	return path
+}
+
+func writeConfig(t testing.TB, path string, allowPrivate bool, timeout string, retries string, affiliates ...string) string {
+	t.Helper()
+	cfg := fmt.Sprintf("allow_private_partner_urls: %v\ndelivery:\n  timeout: %s\n  retries: %s\naffiliates:\n%s",
+		allowPrivate, timeout, retries, strings.Join(affiliates, ""))
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }
 
 // testLogger logs through t, so a failing test shows what the dispatcher said.
