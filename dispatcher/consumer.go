@@ -229,20 +229,14 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 }
 
 // forgetLearned forgets the partitions not in keep (all when keep is nil):
-// they must be learned again before they are read.
+// they must be learned again before they are read. (A learn failure is
+// dropped by learn itself whenever it returns.)
 func (d *dispatcher) forgetLearned(keep map[int]bool) {
 	d.learnedMu.Lock()
 	defer d.learnedMu.Unlock()
 	for p := range d.learned {
 		if !keep[p] {
 			delete(d.learned, p)
-		}
-	}
-	if keep != nil {
-		for p := range d.learnFailing {
-			if !keep[p] {
-				delete(d.learnFailing, p) // not ours any more
-			}
 		}
 	}
 }
