@@ -192,16 +192,15 @@ type script struct {
 	slots  mapSlots
 
 	// partition mode
-	fs        vfs.FS
-	db        *pebble.DB
-	p         *partition
-	now       time.Time
-	caughtUp  bool
-	offsets   [2]int64
-	clickLog  [][]byte
-	emitted   [][]byte
-	registry  *prometheus.Registry
-	heldNames []string
+	fs       vfs.FS
+	db       *pebble.DB
+	p        *partition
+	now      time.Time
+	caughtUp bool
+	offsets  [2]int64
+	clickLog [][]byte
+	emitted  [][]byte
+	registry *prometheus.Registry
 }
 
 type mapSlots map[SlotKey]Slot

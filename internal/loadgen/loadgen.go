@@ -485,11 +485,11 @@ func (r *run) startSink(addr string) (func(), error) {
 	srv := &fasthttp.Server{Handler: func(ctx *fasthttp.RequestCtx) {
 		now := time.Now()
 		label := ""
-		ctx.QueryArgs().VisitAll(func(_, v []byte) {
+		for _, v := range ctx.QueryArgs().All() {
 			if strings.HasPrefix(string(v), "lg") {
 				label = string(v)
 			}
-		})
+		}
 		r.mu.Lock()
 		r.byLabel[label]++
 		if at, ok := r.approvedAt[label]; ok && !r.delivered[label] {
