@@ -38,6 +38,15 @@ type Config struct {
 	// Group is the Kafka consumer group. Default "trackstar-dispatcher".
 	Group string
 
+	// DrainRetries runs the dispatcher for its retry schedule alone, to
+	// retire it for good: it joins no consumer group and reads no
+	// conversions, sends the retries under DataDir as they fall due, and
+	// Run returns nil by itself once none is left (at once when there is
+	// none). The schedule belongs to the dispatcher that wrote it, so a
+	// member removed from the group must run like this on its data
+	// directory, or its retries wait there.
+	DrainRetries bool
+
 	// Registry receives the trackstar_dispatcher_* metrics. Default: a new
 	// registry of its own.
 	Registry *prometheus.Registry

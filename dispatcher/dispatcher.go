@@ -46,9 +46,10 @@ func (d *dispatcher) fatal(err error) {
 	})
 }
 
-// Run consumes conversions and delivers partner postbacks until ctx ends,
-// then stops taking work, lets the requests in flight finish and records
-// them, commits the offsets it can, and returns nil. It returns an error
+// Run consumes conversions and delivers partner postbacks until ctx ends
+// (with DrainRetries: until its retry schedule is empty), then stops
+// taking work, lets the requests in flight finish and records them,
+// commits the offsets it can, and returns nil. It returns an error
 // when it cannot start, or when its schedule store fails.
 func Run(ctx context.Context, cfg Config) error {
 	if err := cfg.setDefaults(); err != nil {
@@ -79,7 +80,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	if cfg.Health != nil {
 		cfg.Health.Register("dispatcher", func() error {
-			if !d.joined.Load() {
+			if !cfg.DrainRetries && !d.joined.Load() {
 				return errors.New("not yet a member of consumer group " + cfg.Group)
 			}
 			if err := d.learnHealth(); err != nil {
@@ -88,7 +89,12 @@ func Run(ctx context.Context, cfg Config) error {
 			return d.engine.health()
 		})
 	}
-	d.log.Info("dispatcher starting", "group", cfg.Group, "data", dir, "retries_pending", d.engine.pending.Load())
+	if cfg.DrainRetries {
+		d.log.Info("dispatcher starting to drain its retry schedule; it reads no conversions and stops once no retry is left",
+			"data", dir, "retries_pending", d.engine.pending.Load())
+	} else {
+		d.log.Info("dispatcher starting", "group", cfg.Group, "data", dir, "retries_pending", d.engine.pending.Load())
+	}
 
 	hardStop, hardCancel := context.WithCancel(context.Background())
 	defer hardCancel()
@@ -105,10 +111,19 @@ func Run(ctx context.Context, cfg Config) error {
 	}()
 	drained := make(chan struct{})
 	consumed := make(chan struct{})
-	go func() {
-		defer close(consumed)
-		d.consume(runCtx, drained)
-	}()
+	if cfg.DrainRetries {
+		close(consumed)
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			d.stopWhenDrained(runCtx)
+		}()
+	} else {
+		go func() {
+			defer close(consumed)
+			d.consume(runCtx, drained)
+		}()
+	}
 
 	<-runCtx.Done()
 	shutdown := cfg.ShutdownTimeout
@@ -135,6 +150,32 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	d.log.Info("dispatcher stopped")
 	return d.fatalErr
+}
+
+// stopWhenDrained ends a DrainRetries run once the schedule is empty: an
+// entry leaves it only once its delivery is final and recorded (or moved
+// to a later due time, which keeps it there), so nothing is left behind.
+func (d *dispatcher) stopWhenDrained(ctx context.Context) {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	lastLog := time.Now()
+	for {
+		n := d.engine.pending.Load()
+		if n == 0 {
+			d.log.Info("retry schedule drained; stopping")
+			d.cancel()
+			return
+		}
+		if time.Since(lastLog) >= time.Minute {
+			d.log.Info("draining the retry schedule", "retries_pending", n)
+			lastLog = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // dropOldMarkers deletes stale dedup markers and version notes every

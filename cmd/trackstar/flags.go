@@ -36,6 +36,7 @@ type options struct {
 	trustProxy     bool
 	grace          time.Duration
 	logLevel       string
+	drainRetries   bool
 
 	// report
 	days   int
@@ -71,6 +72,10 @@ func newFlagSet(cmd string, o *options) *flag.FlagSet {
 	fs.BoolVar(&o.trustProxy, "trust-proxy", false, "edge: take the client IP from X-Forwarded-For (only behind your own proxy)")
 	fs.DurationVar(&o.grace, "grace", 2*time.Minute, "attributor: how long a postback waits for a click read after it")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	if cmd == "dispatcher" {
+		fs.BoolVar(&o.drainRetries, "drain-retries", false, "dispatcher: join no group and read no conversions; send the retries "+
+			"scheduled under --data as they fall due, and exit once none is left (to retire a dispatcher for good)")
+	}
 	if cmd == "report" {
 		fs.IntVar(&o.days, "days", 7, "report: how many days back from today")
 		fs.BoolVar(&o.byHour, "hourly", false, "report: by hour instead of by day")

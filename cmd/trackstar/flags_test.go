@@ -217,3 +217,26 @@ func startTrackstar(t *testing.T, args ...string) {
 		}
 	})
 }
+
+// `dispatcher --drain-retries` is a job that ends: with no retry left it
+// exits 0, its ops server with it. Other commands do not take the flag.
+func TestDrainRetriesExitsWhenDone(t *testing.T) {
+	addr := testenv.KafkaTopics(t, 1)
+	var out, errw strings.Builder
+	done := make(chan error, 1)
+	go func() {
+		done <- run([]string{"dispatcher", "--drain-retries", "--config", "../../examples/trackstar.yaml", "--brokers", addr,
+			"--data", t.TempDir(), "--ops-listen", "127.0.0.1:0", "--log-level", "warn"}, &out, &errw)
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("dispatcher --drain-retries with nothing scheduled: %v\n%s", err, errw.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("dispatcher --drain-retries with nothing scheduled did not exit\n%s", errw.String())
+	}
+	if err := run([]string{"edge", "--drain-retries"}, &out, &errw); err == nil || !strings.Contains(err.Error(), "drain-retries") {
+		t.Fatalf("edge --drain-retries: %v, want an error naming the flag", err)
+	}
+}

@@ -160,6 +160,10 @@ func runReport(ctx context.Context, o options, stdout io.Writer) error {
 	return warehouse.Report(ctx, conn, stdout, warehouse.ReportOptions{From: from, To: to, ByHour: o.byHour})
 }
 
+// errFinished is what a role returns when it has done all it was run for
+// (dispatcher --drain-retries): the process exits 0.
+var errFinished = errors.New("finished")
+
 // runRoles starts the roles of cmd and waits for them. The first role to
 // fail stops the others.
 func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) error {
@@ -251,10 +255,14 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 	}
 	if cmd == "all" || cmd == "dispatcher" {
 		add("dispatcher", func(ctx context.Context) error {
-			return dispatcher.Run(ctx, dispatcher.Config{
-				Brokers: brokers, DataDir: o.data, Catalog: holder,
+			err := dispatcher.Run(ctx, dispatcher.Config{
+				Brokers: brokers, DataDir: o.data, Catalog: holder, DrainRetries: o.drainRetries,
 				Registry: reg, Health: health, Logger: log.With("role", "dispatcher"),
 			})
+			if err == nil && o.drainRetries && ctx.Err() == nil {
+				return errFinished // the schedule is empty
+			}
+			return err
 		})
 	}
 	if cmd == "all" || cmd == "loader" {
@@ -281,9 +289,12 @@ func runRoles(ctx context.Context, cmd string, o options, log *slog.Logger) erro
 		go func() {
 			defer wg.Done()
 			err := r.run(ctx)
-			if err != nil {
+			switch {
+			case errors.Is(err, errFinished):
+				err = nil // done, and the others stop with it
+			case err != nil:
 				err = fmt.Errorf("%s: %w", r.name, err)
-			} else if ctx.Err() == nil {
+			case ctx.Err() == nil:
 				err = fmt.Errorf("%s stopped unexpectedly", r.name)
 			}
 			errs <- err
