@@ -101,8 +101,21 @@ func Run(ctx context.Context, cfg Config) error {
 	go d.engine.finalize(hardStop)
 	var bg sync.WaitGroup
 	bg.Add(2)
+	// caughtUp holds a drain's retries back until it knows the status
+	// updates the group's members have sent (see followDeliveries).
+	var caughtUp chan struct{}
+	if cfg.DrainRetries {
+		caughtUp = make(chan struct{})
+	}
 	go func() {
 		defer bg.Done()
+		if caughtUp != nil {
+			select {
+			case <-caughtUp:
+			case <-runCtx.Done():
+				return
+			}
+		}
 		d.engine.runScheduler(runCtx)
 	}()
 	go func() {
@@ -113,10 +126,14 @@ func Run(ctx context.Context, cfg Config) error {
 	consumed := make(chan struct{})
 	if cfg.DrainRetries {
 		close(consumed)
-		bg.Add(1)
+		bg.Add(2)
 		go func() {
 			defer bg.Done()
 			d.stopWhenDrained(runCtx)
+		}()
+		go func() {
+			defer bg.Done()
+			d.followDeliveries(runCtx, caughtUp)
 		}()
 	} else {
 		go func() {
@@ -150,32 +167,6 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	d.log.Info("dispatcher stopped")
 	return d.fatalErr
-}
-
-// stopWhenDrained ends a DrainRetries run once the schedule is empty: an
-// entry leaves it only once its delivery is final and recorded (or moved
-// to a later due time, which keeps it there), so nothing is left behind.
-func (d *dispatcher) stopWhenDrained(ctx context.Context) {
-	t := time.NewTicker(100 * time.Millisecond)
-	defer t.Stop()
-	lastLog := time.Now()
-	for {
-		n := d.engine.pending.Load()
-		if n == 0 {
-			d.log.Info("retry schedule drained; stopping")
-			d.cancel()
-			return
-		}
-		if time.Since(lastLog) >= time.Minute {
-			d.log.Info("draining the retry schedule", "retries_pending", n)
-			lastLog = time.Now()
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
 }
 
 // dropOldMarkers deletes stale dedup markers and version notes every

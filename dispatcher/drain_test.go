@@ -3,6 +3,8 @@ package dispatcher_test
 import (
 	"context"
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -83,5 +85,82 @@ func TestDrainRetriesSendsTheScheduleAndStops(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	if n := deliveredTo(c1); n != 1 {
 		t.Fatalf("the retried conversion was delivered %d times, want 1", n)
+	}
+}
+
+// A drain does not send an older status after a newer one another member
+// sent, before the drain started or while it ran: it follows the group's
+// delivery records as it goes.
+func TestDrainDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if r.URL.Query().Get("st") == schemas.StatusPending {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	statuses := func(c schemas.Conversion) []string {
+		var sts []string
+		for _, r := range p.requestsFor(c.ConversionID) {
+			sts = append(sts, r.uri[strings.LastIndex(r.uri, "=")+1:])
+		}
+		return sts
+	}
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "5s", "[3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s]",
+		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}&st={status}", "statuses: [pending, approved]"))
+	approval := func(c schemas.Conversion) schemas.Conversion {
+		c.Version, c.Status = 2, schemas.StatusApproved
+		return c
+	}
+
+	// Member A schedules the retries of two pending statuses, and leaves.
+	data := t.TempDir()
+	_, stopA := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat})
+	before, during := newConversion(7), newConversion(7)
+	before.Status, during.Status = schemas.StatusPending, schemas.StatusPending
+	produce(t, addr, before, during)
+	waitFor(t, "both pending statuses' failed attempts", func() bool {
+		return recs.hasOutcome(t, before.ConversionID, schemas.OutcomeRetrying) &&
+			recs.hasOutcome(t, during.ConversionID, schemas.OutcomeRetrying)
+	})
+	stopA()
+
+	// Member B delivers the approval of one before the drain starts...
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
+	produce(t, addr, approval(before))
+	waitFor(t, "the first approval delivered", func() bool {
+		return recs.hasOutcome(t, before.ConversionID, schemas.OutcomeDelivered)
+	})
+
+	// ...and of the other while the drain runs, right after the drain has
+	// tried its pending status (the next try is 3 s later).
+	tried := len(p.requestsFor(during.ConversionID))
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	drained := make(chan error, 1)
+	go func() {
+		drained <- dispatcher.Run(ctx, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat,
+			DrainRetries: true, Logger: testLogger(t)})
+	}()
+	waitFor(t, "the drain to try the second pending status", func() bool { return len(p.requestsFor(during.ConversionID)) > tried })
+	produce(t, addr, approval(during))
+	if err := <-drained; err != nil || ctx.Err() != nil {
+		t.Fatalf("the drain returned %v (context: %v), want nil once its schedule is empty", err, ctx.Err())
+	}
+
+	for _, c := range []schemas.Conversion{before, during} {
+		sts := statuses(c)
+		if len(sts) < 2 || sts[len(sts)-1] != schemas.StatusApproved || slices.Index(sts, schemas.StatusApproved) != len(sts)-1 {
+			t.Errorf("conversion %s: the partner got statuses %v, want the pending ones, then approved last", c.ConversionID, sts)
+		}
+		var last schemas.Delivery
+		for _, d := range recs.deliveries(t, c.ConversionID) {
+			if d.Version == 1 {
+				last = d
+			}
+		}
+		if last.Outcome != schemas.OutcomeFailed || last.Error != "not sent: superseded by version 2 of the conversion" {
+			t.Errorf("conversion %s: the pending status ended %s %q, want failed, superseded", c.ConversionID, last.Outcome, last.Error)
+		}
 	}
 }
