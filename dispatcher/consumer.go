@@ -172,6 +172,9 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 				<-gctx.Done()
 			})
 		}
+		gen.Start(func(gctx context.Context) {
+			d.confirmMembership(gctx, gen, heartbeat)
+		})
 		sort.Ints(parts)
 		d.log.Info("joined consumer group", "group", d.cfg.Group, "generation", gen.ID, "partitions", parts)
 		gen.Start(func(gctx context.Context) {
@@ -407,21 +410,18 @@ func (d *dispatcher) handOver(runCtx context.Context, gen *kafka.Generation, rea
 // the coordinator no longer knows the member. During a rebalance the
 // coordinator answers REBALANCE_IN_PROGRESS and counts the heartbeat.
 func (d *dispatcher) keepAlive(gen *kafka.Generation, interval time.Duration, stop <-chan struct{}) {
-	tr := &kafka.Transport{ClientID: "trackstar-dispatcher"}
-	defer tr.CloseIdleConnections()
-	client := &kafka.Client{Addr: kafka.TCP(d.cfg.Brokers...), Transport: tr, Timeout: max(interval, time.Second)}
+	h := bus.NewHeartbeater(d.cfg.Brokers, d.cfg.Group, max(interval, time.Second))
+	defer h.Close()
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		resp, err := client.Heartbeat(context.Background(), &kafka.HeartbeatRequest{
-			GroupID: d.cfg.Group, GenerationID: gen.ID, MemberID: gen.MemberID,
-		})
-		switch {
-		case err != nil:
-			d.log.Warn("cannot send a heartbeat during the hand-over; retrying", "generation", gen.ID, "err", err)
-		case resp.Error != nil && !errors.Is(resp.Error, kafka.RebalanceInProgress):
-			d.log.Warn("the group dropped this member during the hand-over; the commit may be refused", "generation", gen.ID, "err", resp.Error)
+		switch err := h.Beat(context.Background(), gen.ID, gen.MemberID); {
+		case err == nil, errors.Is(err, kafka.RebalanceInProgress):
+		case errors.Is(err, kafka.UnknownMemberId), errors.Is(err, kafka.IllegalGeneration), errors.Is(err, kafka.FencedInstanceID):
+			d.log.Warn("the group dropped this member during the hand-over; the commit may be refused", "generation", gen.ID, "err", err)
 			return
+		default:
+			d.log.Warn("cannot send a heartbeat during the hand-over; retrying", "generation", gen.ID, "err", err)
 		}
 		select {
 		case <-stop:

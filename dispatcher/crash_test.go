@@ -408,3 +408,77 @@ func TestExpelledMemberLearnsAgain(t *testing.T) {
 		t.Fatalf("the partner got %d requests for a conversion delivered once, then read again by a member that had been expelled", n)
 	}
 }
+
+// A member paused past its session timeout is expelled, and another takes
+// its partitions and delivers what was produced meanwhile. On waking, the
+// expelled member still believes it owns them until kafka-go's next
+// heartbeat is refused, and a fetch the broker answered while it slept
+// hands it conversions at once. It must send none of them: without its
+// lease (see lease.go) the partner got them twice, pending statuses after
+// approved ones among them.
+func TestResumedExpelledMemberSendsNothingItRead(t *testing.T) {
+	if testing.Short() {
+		t.Skip("pauses a dispatcher process past its session timeout")
+	}
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {})
+	addr := testenv.KafkaTopics(t, 6)
+	recs := collect(t, addr, bus.TopicDeliveries, 6)
+	aff := affiliate(7, p.srv.URL+"/pb?tx={conversion_id}&st={status}", "statuses: [pending, approved]")
+	child := startChild(t, addr, t.TempDir(), configFile(t, true, "2s", "[1s]", aff))
+	first := newConversion(7)
+	produce(t, addr, first)
+	waitFor(t, "the dispatcher process to deliver", func() bool {
+		return recs.hasOutcome(t, first.ConversionID, schemas.OutcomeDelivered)
+	})
+	var pendings, approvals []schemas.Conversion
+	for range 300 {
+		c := newConversion(7)
+		c.Status = schemas.StatusPending
+		a := c
+		a.Version, a.Status = 2, schemas.StatusApproved
+		pendings, approvals = append(pendings, c), append(approvals, a)
+	}
+	time.Sleep(time.Second) // its readers wait in long-poll fetches
+	if err := child.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	cont := func() { _ = child.cmd.Process.Signal(syscall.SIGCONT) }
+	defer cont()
+	produce(t, addr, pendings...) // the broker answers the sleeping member's fetches with them
+	time.Sleep(time.Second)
+	produce(t, addr, approvals...)
+
+	// Once its session has expired, another member owns the partitions.
+	cat := holder(t, true, "2s", "[1s]", aff)
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat, SessionTimeout: 6 * time.Second})
+	waitFor(t, "the other member to deliver every approval", func() bool {
+		for _, c := range pendings {
+			if !recs.hasOutcome(t, c.ConversionID, schemas.OutcomeDelivered) {
+				return false
+			}
+		}
+		return true
+	})
+	time.Sleep(500 * time.Millisecond)
+	cont()
+	waitFor(t, "the woken member to rejoin", func() bool {
+		return strings.Count(child.stderr.String(), `msg="joined consumer group"`) >= 2
+	})
+	time.Sleep(time.Second) // a repeat would be on its way by now
+
+	bad, example := 0, ""
+	for _, c := range pendings {
+		var sts []string
+		for _, r := range p.requestsFor(c.ConversionID) {
+			sts = append(sts, r.uri[strings.LastIndex(r.uri, "=")+1:])
+		}
+		s := strings.Join(sts, ",")
+		if s != "pending,approved" && s != "approved" {
+			bad++
+			example = c.ConversionID + ": " + s
+		}
+	}
+	if bad > 0 {
+		t.Fatalf("%d of %d conversions reached the partner otherwise than pending then approved, once each (e.g. %s)", bad, len(pendings), example)
+	}
+}

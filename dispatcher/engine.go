@@ -110,6 +110,9 @@ type engine struct {
 	// same config (the finalizer filed jobs under a config it replaced).
 	rehomeAgain atomic.Bool
 
+	// lease holds while the group confirms this member: see awaitLease.
+	lease *lease
+
 	pending   atomic.Int64          // schedule entries
 	writeErr  atomic.Pointer[error] // the last failed Kafka write, nil once one succeeds
 	fatalFunc func(error)
@@ -131,6 +134,7 @@ func newEngine(cfg *Config, m *metrics, store *scheduleStore, fatal func(error))
 		sending:   map[string]chan struct{}{},
 		hosts:     map[string]*hostQueue{},
 		fatalFunc: fatal,
+		lease:     newLease(),
 	}
 	for i, allowPrivate := range []bool{false, true} {
 		e.clients[i] = &fasthttp.Client{
@@ -522,6 +526,19 @@ func (e *engine) work(h *hostQueue) {
 			e.enqueue(j)
 			continue
 		}
+		if j.schedKey == nil && !e.awaitLease(revoked) {
+			// Its partition has moved on: the next owner sends it.
+			e.unclaim(j)
+			<-e.tokens
+			if probe {
+				e.mu.Lock()
+				h.br.dropProbe()
+				e.mu.Unlock()
+				e.metrics.breakerState.WithLabelValues(h.name).Set(breakerOpen)
+			}
+			e.abandon(j)
+			continue
+		}
 		e.metrics.inflight.Inc()
 		r, verdict := e.attempt(j, cat)
 		e.metrics.inflight.Dec()
@@ -561,6 +578,28 @@ func (e *engine) claim(j *job, revoked <-chan struct{}) bool {
 		case <-e.stopCh:
 			return false
 		case <-revoked:
+			return false
+		}
+	}
+}
+
+// awaitLease reports whether a conversion read from Kafka may be sent: the
+// group has confirmed this member within its session timeout (see lease).
+// When it has not — the process was paused, or the member has just joined —
+// it waits for the next confirmation, and reports false if the partitions
+// are revoked (the expelled member's generation ends) or the engine stops
+// first.
+func (e *engine) awaitLease(revoked <-chan struct{}) bool {
+	for {
+		ok, renewed := e.lease.check()
+		if ok {
+			return true
+		}
+		select {
+		case <-renewed:
+		case <-revoked:
+			return false
+		case <-e.stopCh:
 			return false
 		}
 	}
