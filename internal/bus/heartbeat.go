@@ -103,12 +103,13 @@ const (
 // roundTrip writes a Heartbeat v0 request and reads its response's error
 // code.
 func (h *Heartbeater) roundTrip(ctx context.Context, generation int32, member string) (int16, error) {
+	conn := h.conn
 	if deadline, ok := ctx.Deadline(); ok {
-		if err := h.conn.SetDeadline(deadline); err != nil {
+		if err := conn.SetDeadline(deadline); err != nil {
 			return 0, err
 		}
 	}
-	stop := context.AfterFunc(ctx, func() { h.conn.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) }) // cut short
 	defer stop()
 
 	h.corr++
@@ -121,7 +122,7 @@ func (h *Heartbeater) roundTrip(ctx context.Context, generation int32, member st
 	req = binary.BigEndian.AppendUint32(req, uint32(generation))
 	req = appendString(req, member)
 	binary.BigEndian.PutUint32(req, uint32(len(req)-4))
-	if _, err := h.conn.Write(req); err != nil {
+	if _, err := conn.Write(req); err != nil {
 		return 0, err
 	}
 
