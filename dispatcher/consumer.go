@@ -172,6 +172,7 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 				<-gctx.Done()
 			})
 		}
+		d.engine.lease.begin()
 		gen.Start(func(gctx context.Context) {
 			d.confirmMembership(gctx, gen, heartbeat)
 		})
@@ -224,6 +225,12 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 			case <-time.After(time.Second):
 			}
 			continue
+		}
+		// Nothing is taken while the group has not confirmed this member
+		// lately (see lease): after a stop past the session timeout, what
+		// this fetch brought is the next owner's.
+		if !d.engine.lease.wait(ctx.Done()) {
+			break
 		}
 		off := m.Offset
 		tr.add(off)

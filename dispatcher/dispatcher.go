@@ -31,6 +31,10 @@ type dispatcher struct {
 	// with the error: /readyz lists them, since they are not read.
 	learnFailing map[int]error
 	learnLog     ops.LogLimiter
+	leaseLog     ops.LogLimiter
+	// followErr is why a drain cannot follow trackstar.deliveries, nil
+	// while it can (see followDeliveries).
+	followErr atomic.Pointer[error]
 
 	cancel    context.CancelFunc
 	fatalOnce sync.Once
@@ -56,6 +60,12 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	dir := filepath.Join(cfg.DataDir, "dispatcher")
+	if cfg.DrainRetries {
+		// A mistyped directory would drain nothing, successfully.
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			return fmt.Errorf("no retry schedule to drain at %q: give the --data of the dispatcher being retired", dir)
+		}
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("cannot create dispatcher data dir %q: %w", dir, err)
 	}
@@ -78,6 +88,14 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	var since time.Time // where a drain reads the group's deliveries from
+	if cfg.DrainRetries {
+		if since, err = d.drainSince(); err != nil {
+			d.engine.deliveries.Close()
+			d.engine.dlq.Close()
+			return err
+		}
+	}
 	if cfg.Health != nil {
 		cfg.Health.Register("dispatcher", func() error {
 			if !cfg.DrainRetries && !d.joined.Load() {
@@ -85,6 +103,12 @@ func Run(ctx context.Context, cfg Config) error {
 			}
 			if err := d.learnHealth(); err != nil {
 				return err
+			}
+			if err := d.engine.lease.health(cfg.SessionTimeout); !cfg.DrainRetries && err != nil {
+				return err
+			}
+			if p := d.followErr.Load(); p != nil {
+				return *p
 			}
 			return d.engine.health()
 		})
@@ -133,7 +157,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}()
 		go func() {
 			defer bg.Done()
-			d.followDeliveries(runCtx, caughtUp)
+			d.followDeliveries(runCtx, since, caughtUp)
 		}()
 	} else {
 		go func() {

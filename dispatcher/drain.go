@@ -2,6 +2,8 @@ package dispatcher
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -42,71 +44,115 @@ func (d *dispatcher) stopWhenDrained(ctx context.Context) {
 
 // followDeliveries keeps a draining dispatcher's version notes up to date
 // with the status updates the group's members send. It reads every
-// partition of trackstar.deliveries from DedupWindow ago, closes caughtUp
-// once each has been read to where its end was, and then follows them
-// until ctx ends. So a retry of an older status is superseded by a newer
-// one another member sent, before the drain or during it, as it is in the
-// schedule of the member that sent it.
-func (d *dispatcher) followDeliveries(ctx context.Context, caughtUp chan<- struct{}) {
+// partition of trackstar.deliveries from since (see drainSince), closes
+// caughtUp once each has been read to where its end was, and then follows
+// them, and any partition added later, until ctx ends. So a retry of an
+// older status is superseded by a newer one another member sent, before
+// the drain or during it, as it is in the schedule of the member that sent
+// it.
+func (d *dispatcher) followDeliveries(ctx context.Context, since time.Time, caughtUp chan<- struct{}) {
 	client := &kafka.Client{Addr: kafka.TCP(d.cfg.Brokers...), Timeout: 10 * time.Second}
-	n := 0
-	for n == 0 {
+	partitions := func() int {
 		md, err := client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{bus.TopicDeliveries}})
 		if err == nil {
 			for _, t := range md.Topics {
 				if t.Name == bus.TopicDeliveries && t.Error == nil {
-					n = len(t.Partitions)
+					return len(t.Partitions)
 				}
 			}
+			err = errors.New("topic not found")
 		}
-		if n == 0 && !d.followRetry(ctx, "cannot read the partitions of "+bus.TopicDeliveries, err) {
+		d.followFailed(ctx, "cannot read the partitions of "+bus.TopicDeliveries, err)
+		return 0
+	}
+	n := 0
+	for n == 0 {
+		if n = partitions(); n == 0 && !d.followPause(ctx) {
 			return
 		}
 	}
 	var wg sync.WaitGroup
+	defer wg.Wait()
 	var mu sync.Mutex
 	left := n
-	for q := range n {
+	follow := func(q int, from time.Time, caughtUp func()) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			d.followPartition(ctx, client, q, func() {
-				mu.Lock()
-				defer mu.Unlock()
-				if left--; left == 0 {
-					d.log.Info("read the group's recent deliveries; sending the schedule's retries", "partitions", n)
-					close(caughtUp)
-				}
-			})
+			d.followPartition(ctx, client, q, from, caughtUp)
 		}()
 	}
-	wg.Wait()
+	for q := range n {
+		follow(q, since, func() {
+			mu.Lock()
+			defer mu.Unlock()
+			if left--; left == 0 {
+				d.log.Info("read the group's deliveries; sending the schedule's retries", "partitions", n, "since", since)
+				close(caughtUp)
+			}
+		})
+	}
+	// Partitions added while the drain runs hold only new records.
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for m := partitions(); n < m; n++ {
+			follow(n, time.Time{}, func() {})
+		}
+	}
+}
+
+// drainSince is where a drain starts reading trackstar.deliveries: at the
+// time of the oldest conversion in its schedule (a newer status of it
+// comes later), or DedupWindow ago if that is earlier, and at most
+// versionDays back, as far as version notes reach.
+func (d *dispatcher) drainSince() (time.Time, error) {
+	now := d.cfg.Now()
+	since := now.Add(-d.cfg.DedupWindow)
+	oldest, err := d.engine.store.oldestScheduledConversion()
+	if err != nil {
+		return time.Time{}, err
+	}
+	if !oldest.IsZero() && oldest.Before(since) {
+		since = oldest.Add(-time.Minute) // a writer's clock a little behind
+	}
+	if floor := now.Add(-versionDays * 24 * time.Hour); since.Before(floor) {
+		since = floor
+	}
+	return since, nil
 }
 
 // followPartition follows partition q of trackstar.deliveries for
-// followDeliveries, calling caughtUp once it has read up to where the
-// partition ended when it started.
-func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, q int, caughtUp func()) {
+// followDeliveries from the first record of time from (zero: its first
+// record), calling caughtUp once it has read up to where the partition
+// ended when it started.
+func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, q int, from time.Time, caughtUp func()) {
 	var start, end int64
 	for {
 		var err error
 		end, err = bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.LastOffsetOf(q))
 		if err == nil {
-			start, err = bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.TimeOffsetOf(q, d.cfg.Now().Add(-d.cfg.DedupWindow)))
+			req := kafka.FirstOffsetOf(q)
+			if !from.IsZero() {
+				req = kafka.TimeOffsetOf(q, from)
+			}
+			start, err = bus.ListOffset(ctx, client, bus.TopicDeliveries, req)
 		}
 		if err == nil {
 			break
 		}
-		if !d.followRetry(ctx, "cannot find where to read "+bus.TopicDeliveries+" from", err) {
+		d.followFailed(ctx, "cannot find where to read "+bus.TopicDeliveries+" from", err)
+		if !d.followPause(ctx) {
 			return
 		}
 	}
 	if start < 0 || start > end {
-		start = end // nothing from DedupWindow ago on
-	}
-	if start == end {
-		caughtUp()
-		caughtUp = nil
+		start = end // nothing from then on
 	}
 	r := kafka.NewReader(kafka.ReaderConfig{
 		Brokers: d.cfg.Brokers, Topic: bus.TopicDeliveries, Partition: q,
@@ -117,38 +163,85 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 		d.fatal(err)
 		return
 	}
+
+	// Catching up, notes go in batches synced once at the end, as a
+	// partition's learning does; then each is synced as it comes.
+	l := d.engine.store.newLearner(d.cfg.Now(), d.cfg.DedupWindow)
+	l.notesOnly = true
+	defer l.close()
+	caught := func() bool {
+		if err := l.finish(); err != nil {
+			d.fatal(err)
+			return false
+		}
+		caughtUp()
+		l = nil
+		return true
+	}
+	if start >= end && !caught() {
+		return
+	}
 	for {
-		m, err := r.FetchMessage(ctx)
+		fctx, cancel := ctx, context.CancelFunc(func() {})
+		if l != nil {
+			fctx, cancel = context.WithTimeout(ctx, time.Second)
+		}
+		m, err := r.FetchMessage(fctx)
+		cancel()
 		if err != nil {
-			if !d.followRetry(ctx, "cannot read "+bus.TopicDeliveries, err) {
+			if ctx.Err() != nil {
 				return
 			}
+			if l != nil && fctx.Err() != nil {
+				// Nothing for a second while catching up: the records up
+				// to the end may have gone (retention) since it was read.
+				if first, err := bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.FirstOffsetOf(q)); err == nil && first >= end && !caught() {
+					return
+				}
+				continue
+			}
+			d.followFailed(ctx, "cannot read "+bus.TopicDeliveries, err)
 			continue
 		}
-		// Every record of a version 2 or later, whatever its outcome:
-		// that status is on its way to the partner.
-		if rec, err := schemas.DecodeDelivery(m.Value); err == nil && rec.Version >= 2 {
+		d.followErr.Store(nil)
+		rec, err := schemas.DecodeDelivery(m.Value)
+		switch {
+		case err != nil:
+		case l != nil:
+			if err := l.add(&rec); err != nil {
+				d.fatal(err)
+				return
+			}
+		case rec.Version >= 2:
+			// Every record of a version 2 or later, whatever its outcome:
+			// that status is on its way to the partner.
 			if err := d.engine.store.noteVersion(rec.ConversionID, rec.Version, d.cfg.Now()); err != nil {
 				d.fatal(err)
 				return
 			}
 		}
-		if caughtUp != nil && m.Offset+1 >= end {
-			caughtUp()
-			caughtUp = nil
+		if l != nil && m.Offset+1 >= end && !caught() {
+			return
 		}
 	}
 }
 
-// followRetry logs a failure of followDeliveries (at most once a while)
-// and waits a second; it reports false when ctx ended instead.
-func (d *dispatcher) followRetry(ctx context.Context, what string, err error) bool {
+// followFailed records a failure of followDeliveries for /readyz and logs
+// it, at most once a while.
+func (d *dispatcher) followFailed(ctx context.Context, what string, err error) {
 	if ctx.Err() != nil {
-		return false
+		return
 	}
+	err = fmt.Errorf("%s: %w", what, err)
+	d.followErr.Store(&err)
 	if d.learnLog.Allow() {
-		d.log.Warn(what+"; retrying", "err", err)
+		d.log.Warn("drain: cannot follow the group's deliveries; retrying", "err", err)
 	}
+}
+
+// followPause waits a second before followDeliveries tries again; it
+// reports false when ctx ended instead.
+func (d *dispatcher) followPause(ctx context.Context) bool {
 	select {
 	case <-ctx.Done():
 		return false

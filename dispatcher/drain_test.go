@@ -3,12 +3,16 @@ package dispatcher_test
 import (
 	"context"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/segmentio/kafka-go"
 
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
@@ -53,7 +57,18 @@ func TestDrainRetriesSendsTheScheduleAndStops(t *testing.T) {
 		}
 	}
 
-	drain(t.TempDir()) // nothing scheduled: it stops at once
+	// No schedule there (a mistyped directory): an error, not a drain of
+	// nothing. An empty schedule: it stops at once.
+	missing := t.TempDir()
+	err := dispatcher.Run(context.Background(), dispatcher.Config{Brokers: []string{addr}, DataDir: missing, Catalog: h, DrainRetries: true})
+	if err == nil || !strings.Contains(err.Error(), "no retry schedule to drain") {
+		t.Fatalf("draining a directory without a schedule: %v, want an error saying so", err)
+	}
+	empty := t.TempDir()
+	if err := os.Mkdir(filepath.Join(empty, "dispatcher"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	drain(empty)
 
 	data := t.TempDir()
 	_, stop := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: h})
@@ -162,5 +177,58 @@ func TestDrainDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
 		if last.Outcome != schemas.OutcomeFailed || last.Error != "not sent: superseded by version 2 of the conversion" {
 			t.Errorf("conversion %s: the pending status ended %s %q, want failed, superseded", c.ConversionID, last.Outcome, last.Error)
 		}
+	}
+}
+
+// A drain reads the group's deliveries back to its oldest scheduled
+// conversion, not only DedupWindow: a retry can wait for hours (the
+// default schedule reaches 12 h), and a newer status sent since is
+// older than that window when the drain starts.
+func TestDrainSeesANewerStatusSentLongBefore(t *testing.T) {
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if nth == 1 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	addr := testenv.KafkaTopics(t, 1)
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "5s", "[3s, 3s]",
+		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}&st={status}", "statuses: [pending, approved]"))
+
+	// A pending conversion of 3 h ago, whose approval another member
+	// delivered 2 h ago...
+	c := newConversion(7)
+	c.Status, c.TS = schemas.StatusPending, time.Now().Add(-3*time.Hour).UnixMilli()
+	sent := time.Now().Add(-2 * time.Hour)
+	w := bus.NewWriter(bus.WriterConfig{Brokers: []string{addr}, Topic: bus.TopicDeliveries})
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if err := w.WriteMessages(ctx, kafka.Message{Key: []byte(c.ClickID), Time: sent, Value: schemas.EncodeDelivery(schemas.Delivery{
+		V: schemas.Version, ConversionID: c.ConversionID, Version: 2, Status: schemas.StatusApproved, AffID: 7,
+		Attempt: 1, TS: sent.UnixMilli(), Method: "GET", StatusCode: 200, Outcome: schemas.OutcomeDelivered,
+	})}); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+
+	// ...and whose pending status waits for a retry in a member that left.
+	data := t.TempDir()
+	_, stopA := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat})
+	produce(t, addr, c)
+	waitFor(t, "the pending status's failed attempt", func() bool {
+		return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeRetrying)
+	})
+	stopA()
+
+	if err := dispatcher.Run(ctx, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat,
+		DrainRetries: true, Logger: testLogger(t)}); err != nil || ctx.Err() != nil {
+		t.Fatalf("drain: %v (context %v)", err, ctx.Err())
+	}
+	var sts []string
+	for _, r := range p.requestsFor(c.ConversionID) {
+		sts = append(sts, r.uri[strings.LastIndex(r.uri, "=")+1:])
+	}
+	if len(sts) != 1 {
+		t.Fatalf("the partner got %v: the drain sent the pending status after the approval delivered 2 h before", sts)
 	}
 }

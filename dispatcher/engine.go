@@ -528,6 +528,8 @@ func (e *engine) work(h *hostQueue) {
 		}
 		if j.schedKey == nil && !e.awaitLease(revoked) {
 			// Its partition has moved on: the next owner sends it.
+			e.log.Info("not sending a conversion read before the group stopped counting this member; its partition's next owner sends it",
+				"conversion_id", j.conv.ConversionID, "version", j.conv.Version, "partition", j.partition)
 			e.unclaim(j)
 			<-e.tokens
 			if probe {
@@ -585,10 +587,10 @@ func (e *engine) claim(j *job, revoked <-chan struct{}) bool {
 
 // awaitLease reports whether a conversion read from Kafka may be sent: the
 // group has confirmed this member within its session timeout (see lease).
-// When it has not — the process was paused, or the member has just joined —
-// it waits for the next confirmation, and reports false if the partitions
-// are revoked (the expelled member's generation ends) or the engine stops
-// first.
+// Readers take nothing from Kafka while it does not hold; this catches a
+// process stopped between taking a conversion and sending it. It waits for
+// the next confirmation, and reports false if the partitions are revoked
+// (the expelled member's generation ends) or the engine stops first.
 func (e *engine) awaitLease(revoked <-chan struct{}) bool {
 	for {
 		ok, renewed := e.lease.check()

@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -11,19 +12,32 @@ import (
 )
 
 // lease says whether the consumer group has confirmed this member lately.
-// A member whose process was paused past its session timeout (stopped, a
-// frozen VM) has been expelled and its partitions given to another, which
+// A member whose process was stopped past its session timeout (SIGSTOP, a
+// long stall) has been expelled and its partitions given to another, which
 // reads them from the last commit and delivers. On waking it still
 // believes it owns them until kafka-go's next heartbeat is refused, and a
 // fetch answered while it slept hands it conversions the new owner is
 // sending too — or has sent a newer status of. So a conversion read from
-// Kafka is sent only while the lease holds: until SessionTimeout after the
-// last heartbeat the coordinator accepted was sent (it reached the
-// coordinator after that, so the session runs at least that long).
+// Kafka is taken, and sent, only while the lease holds: until
+// SessionTimeout after the last heartbeat the coordinator accepted was
+// sent (it reached the coordinator after that, so the session runs at
+// least that long). The clock is Go's monotonic one, which runs while a
+// process is stopped; a virtual machine paused by its hypervisor may not
+// advance it, and is not covered.
 type lease struct {
 	mu      sync.Mutex
 	until   time.Time     // monotonic; zero until a heartbeat is accepted
 	renewed chan struct{} // closed at the next renewal
+	lastErr error         // of the last heartbeat, nil when accepted
+	joined  time.Time     // when this member last joined a generation
+}
+
+// begin records that the member has joined a generation: until its first
+// heartbeat is accepted, the lease counts as lapsed from then.
+func (l *lease) begin() {
+	l.mu.Lock()
+	l.joined = time.Now()
+	l.mu.Unlock()
 }
 
 func newLease() *lease { return &lease{renewed: make(chan struct{})} }
@@ -35,8 +49,16 @@ func (l *lease) renew(until time.Time) {
 	if until.After(l.until) {
 		l.until = until
 	}
+	l.lastErr = nil
 	close(l.renewed)
 	l.renewed = make(chan struct{})
+}
+
+// refused records why a heartbeat did not renew the lease.
+func (l *lease) refused(err error) {
+	l.mu.Lock()
+	l.lastErr = err
+	l.mu.Unlock()
 }
 
 // check reports whether the lease holds now, and a channel closed at its
@@ -47,20 +69,60 @@ func (l *lease) check() (bool, <-chan struct{}) {
 	return time.Now().Before(l.until), l.renewed
 }
 
+// wait blocks until the lease holds, and reports false when done is
+// closed first.
+func (l *lease) wait(done <-chan struct{}) bool {
+	for {
+		ok, renewed := l.check()
+		if ok {
+			return true
+		}
+		select {
+		case <-renewed:
+		case <-done:
+			return false
+		}
+	}
+}
+
+// health reports a lease lapsed for longer than grace: conversions read
+// from Kafka are held meanwhile.
+func (l *lease) health(grace time.Duration) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	from := l.until
+	if l.joined.After(from) {
+		from = l.joined
+	}
+	if from.IsZero() || time.Since(from) < grace || time.Now().Before(l.until) {
+		return nil // not joined yet, lapsed briefly, or holding
+	}
+	return fmt.Errorf("conversions read from Kafka are held: the group coordinator has not confirmed this member for %s (last heartbeat: %v)",
+		time.Since(from).Round(time.Second), l.lastErr)
+}
+
 // confirmMembership heartbeats for gen every interval until the generation
 // ends, renewing the lease with every heartbeat the coordinator accepts.
 // (kafka-go heartbeats too, but does not say when one succeeds.) A refused
 // one — the member expelled, or a rebalance under way — renews nothing;
-// kafka-go's own heartbeat then ends the generation.
+// kafka-go's own heartbeat then ends the generation. An answer that comes
+// late still proves the session ran from when the heartbeat was sent, so
+// each may take up to half the session timeout.
 func (d *dispatcher) confirmMembership(gctx context.Context, gen *kafka.Generation, interval time.Duration) {
-	h := bus.NewHeartbeater(d.cfg.Brokers, d.cfg.Group, max(interval, time.Second))
+	h := bus.NewHeartbeater(d.cfg.Brokers, d.cfg.Group, max(d.cfg.SessionTimeout/2, time.Second))
 	defer h.Close()
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		sent := time.Now()
-		if h.Beat(gctx, gen.ID, gen.MemberID) == nil {
+		if err := h.Beat(gctx, gen.ID, gen.MemberID); err == nil {
 			d.engine.lease.renew(sent.Add(d.cfg.SessionTimeout))
+		} else if gctx.Err() == nil {
+			d.engine.lease.refused(err)
+			if d.leaseLog.Allow() {
+				d.log.Warn("the group coordinator did not confirm this member; conversions read from Kafka wait for it",
+					"generation", gen.ID, "err", err)
+			}
 		}
 		select {
 		case <-gctx.Done():

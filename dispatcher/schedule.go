@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+
+	"github.com/trackstar/trackstar/schemas"
 )
 
 // The schedule lives in Pebble under DataDir/dispatcher. Three key spaces:
@@ -218,6 +220,32 @@ func (s *scheduleStore) countScheduled() (int, error) {
 		return 0, fmt.Errorf("cannot read retry schedule: %w", err)
 	}
 	return n, nil
+}
+
+// oldestScheduledConversion returns the time of the oldest conversion in
+// the schedule, zero when it is empty.
+func (s *scheduleStore) oldestScheduledConversion() (time.Time, error) {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixSchedule}, UpperBound: []byte{prefixSchedule + 1}})
+	if err != nil {
+		return time.Time{}, fmt.Errorf("cannot read retry schedule: %w", err)
+	}
+	var oldest int64
+	for valid := it.First(); valid; valid = it.Next() {
+		var sj scheduledJob
+		if json.Unmarshal(it.Value(), &sj) != nil {
+			continue // the scheduler drops it
+		}
+		if c, err := schemas.DecodeConversion(sj.Conversion); err == nil && c.TS > 0 && (oldest == 0 || c.TS < oldest) {
+			oldest = c.TS
+		}
+	}
+	if err := it.Close(); err != nil {
+		return time.Time{}, fmt.Errorf("cannot read retry schedule: %w", err)
+	}
+	if oldest == 0 {
+		return time.Time{}, nil
+	}
+	return time.UnixMilli(oldest), nil
 }
 
 // pebbleLogger keeps Pebble's informational chatter out of the role's

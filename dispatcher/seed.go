@@ -129,6 +129,8 @@ type learner struct {
 	window   time.Duration
 	markers  int
 	versions map[string]uint32 // newest version 2 or later noted in this pass
+	// notesOnly makes no markers: a drain reads no conversions to dedup.
+	notesOnly bool
 }
 
 const learnBatchBytes = 1 << 20 // under Pebble's large-batch threshold
@@ -145,6 +147,9 @@ func (s *scheduleStore) newLearner(now time.Time, window time.Duration) *learner
 func (l *learner) add(rec *schemas.Delivery) error {
 	switch rec.Outcome {
 	case schemas.OutcomeDelivered, schemas.OutcomeFailed, schemas.OutcomeDead:
+		if l.notesOnly {
+			break
+		}
 		// Never later than now's bucket (a writer whose clock runs ahead:
 		// seen looks at now's bucket and the one before).
 		now := bucketOf(l.now, l.window)

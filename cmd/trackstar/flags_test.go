@@ -222,11 +222,15 @@ func startTrackstar(t *testing.T, args ...string) {
 // exits 0, its ops server with it. Other commands do not take the flag.
 func TestDrainRetriesExitsWhenDone(t *testing.T) {
 	addr := testenv.KafkaTopics(t, 1)
+	data := t.TempDir()
+	if err := os.Mkdir(filepath.Join(data, "dispatcher"), 0o755); err != nil { // a schedule, empty
+		t.Fatal(err)
+	}
 	var out, errw strings.Builder
 	done := make(chan error, 1)
 	go func() {
 		done <- run([]string{"dispatcher", "--drain-retries", "--config", "../../examples/trackstar.yaml", "--brokers", addr,
-			"--data", t.TempDir(), "--ops-listen", "127.0.0.1:0", "--log-level", "warn"}, &out, &errw)
+			"--data", data, "--ops-listen", "127.0.0.1:0", "--log-level", "warn"}, &out, &errw)
 	}()
 	select {
 	case err := <-done:

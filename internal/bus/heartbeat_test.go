@@ -57,3 +57,37 @@ func TestHeartbeaterReportsTheCoordinatorsAnswer(t *testing.T) {
 		t.Logf("kafka-go's Client.Heartbeat read a refusal as success (throttle %v): the reason for Heartbeater", resp.Throttle)
 	}
 }
+
+// A coordinator slower than the Heartbeater's timeout makes each Beat an
+// error, and nothing else: the cancel hook of a timed-out round trip once
+// reached for the connection Beat had just closed, and crashed.
+func TestHeartbeaterTimeout(t *testing.T) {
+	addr := testenv.KafkaSlowHeartbeats(t, 1, 300*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cg, err := kafka.NewConsumerGroup(kafka.ConsumerGroupConfig{
+		ID: "heartbeat-timeout", Brokers: []string{addr}, Topics: []string{bus.TopicConversions},
+		HeartbeatInterval: time.Second, SessionTimeout: 10 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	gen, err := cg.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := bus.NewHeartbeater([]string{addr}, "heartbeat-timeout", 200*time.Millisecond)
+	defer h.Close()
+	for range 20 {
+		if err := h.Beat(ctx, gen.ID, gen.MemberID); err == nil {
+			t.Fatal("a heartbeat answered after the timeout reported success")
+		}
+		time.Sleep(20 * time.Millisecond) // let a late cancel hook run
+	}
+	slow := bus.NewHeartbeater([]string{addr}, "heartbeat-timeout", 5*time.Second)
+	defer slow.Close()
+	if err := slow.Beat(ctx, gen.ID, gen.MemberID); err != nil {
+		t.Fatalf("a heartbeat given time enough: %v", err)
+	}
+}

@@ -5,6 +5,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
+
 	"github.com/trackstar/trackstar/internal/bus"
 )
 
@@ -45,4 +48,24 @@ func CreateTopics(t testing.TB, addr string, partitions int) {
 	if _, err := bus.EnsureTopics(ctx, bus.TopicsConfig{Brokers: []string{addr}, Partitions: partitions}); err != nil {
 		t.Fatalf("cannot create topics: %v", err)
 	}
+}
+
+// KafkaSlowHeartbeats is KafkaTopics with a broker that answers every
+// consumer group heartbeat only after delay, as a coordinator under load
+// does; every other request is answered at once.
+func KafkaSlowHeartbeats(t testing.TB, partitions int, delay time.Duration) string {
+	t.Helper()
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(-1))
+	if err != nil {
+		t.Fatalf("cannot start a broker: %v", err)
+	}
+	t.Cleanup(c.Close)
+	c.ControlKey(int16(kmsg.Heartbeat), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		c.SleepControl(func() { time.Sleep(delay) })
+		return nil, nil, false // then handled as usual
+	})
+	addr := c.ListenAddrs()[0]
+	CreateTopics(t, addr, partitions)
+	return addr
 }
