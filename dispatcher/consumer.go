@@ -172,7 +172,6 @@ func (d *dispatcher) consume(ctx context.Context, drained <-chan struct{}) {
 				<-gctx.Done()
 			})
 		}
-		d.engine.lease.begin()
 		gen.Start(func(gctx context.Context) {
 			d.confirmMembership(gctx, gen, heartbeat)
 		})
@@ -229,7 +228,7 @@ func (d *dispatcher) readPartition(runCtx, gctx context.Context, partition int, 
 		// Nothing is taken while the group has not confirmed this member
 		// lately (see lease): after a stop past the session timeout, what
 		// this fetch brought is the next owner's.
-		if !d.engine.lease.wait(ctx.Done()) {
+		if !d.engine.lease.wait(ctx.Done(), nil) {
 			break
 		}
 		off := m.Offset

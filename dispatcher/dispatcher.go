@@ -32,9 +32,10 @@ type dispatcher struct {
 	learnFailing map[int]error
 	learnLog     ops.LogLimiter
 	leaseLog     ops.LogLimiter
-	// followErr is why a drain cannot follow trackstar.deliveries, nil
-	// while it can (see followDeliveries).
-	followErr atomic.Pointer[error]
+	// followErrs says why a drain cannot follow trackstar.deliveries, by
+	// partition (-1: the partition count); empty while it can.
+	followMu   sync.Mutex
+	followErrs map[int]error
 
 	cancel    context.CancelFunc
 	fatalOnce sync.Once
@@ -83,7 +84,7 @@ func Run(ctx context.Context, cfg Config) error {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d := &dispatcher{cfg: &cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registry), cancel: cancel,
-		learned: map[int]bool{}, learnFailing: map[int]error{}}
+		learned: map[int]bool{}, learnFailing: map[int]error{}, followErrs: map[int]error{}}
 	d.engine, err = newEngine(d.cfg, d.metrics, store, d.fatal)
 	if err != nil {
 		return err
@@ -107,8 +108,8 @@ func Run(ctx context.Context, cfg Config) error {
 			if err := d.engine.lease.health(cfg.SessionTimeout); !cfg.DrainRetries && err != nil {
 				return err
 			}
-			if p := d.followErr.Load(); p != nil {
-				return *p
+			if err := d.followHealth(); err != nil {
+				return err
 			}
 			return d.engine.health()
 		})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"sync"
 	"time"
 
@@ -57,12 +58,13 @@ func (d *dispatcher) followDeliveries(ctx context.Context, since time.Time, caug
 		if err == nil {
 			for _, t := range md.Topics {
 				if t.Name == bus.TopicDeliveries && t.Error == nil {
+					d.followOK(-1)
 					return len(t.Partitions)
 				}
 			}
 			err = errors.New("topic not found")
 		}
-		d.followFailed(ctx, "cannot read the partitions of "+bus.TopicDeliveries, err)
+		d.followFailed(ctx, -1, "cannot read the partitions of "+bus.TopicDeliveries, err)
 		return 0
 	}
 	n := 0
@@ -82,12 +84,13 @@ func (d *dispatcher) followDeliveries(ctx context.Context, since time.Time, caug
 			d.followPartition(ctx, client, q, from, caughtUp)
 		}()
 	}
+	total := n
 	for q := range n {
 		follow(q, since, func() {
 			mu.Lock()
 			defer mu.Unlock()
 			if left--; left == 0 {
-				d.log.Info("read the group's deliveries; sending the schedule's retries", "partitions", n, "since", since)
+				d.log.Info("read the group's deliveries; sending the schedule's retries", "partitions", total, "since", since)
 				close(caughtUp)
 			}
 		})
@@ -144,9 +147,10 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 			start, err = bus.ListOffset(ctx, client, bus.TopicDeliveries, req)
 		}
 		if err == nil {
+			d.followOK(q)
 			break
 		}
-		d.followFailed(ctx, "cannot find where to read "+bus.TopicDeliveries+" from", err)
+		d.followFailed(ctx, q, "cannot find where to read "+bus.TopicDeliveries+" from", err)
 		if !d.followPause(ctx) {
 			return
 		}
@@ -187,23 +191,35 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 			fctx, cancel = context.WithTimeout(ctx, time.Second)
 		}
 		m, err := r.FetchMessage(fctx)
+		idle := l != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			if l != nil && fctx.Err() != nil {
-				// Nothing for a second while catching up: the records up
-				// to the end may have gone (retention) since it was read.
-				if first, err := bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.FirstOffsetOf(q)); err == nil && first >= end && !caught() {
+			if !idle {
+				d.followFailed(ctx, q, "cannot read "+bus.TopicDeliveries, err)
+				if !d.followPause(ctx) {
 					return
 				}
 				continue
 			}
-			d.followFailed(ctx, "cannot read "+bus.TopicDeliveries, err)
+			// Nothing for a second while catching up: the records up to
+			// the end may have gone (retention) since it was listed. (The
+			// reader retries a broker it cannot reach by itself; this says
+			// so on /readyz.)
+			first, err := bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.FirstOffsetOf(q))
+			if err != nil {
+				d.followFailed(ctx, q, "cannot read "+bus.TopicDeliveries, err)
+				continue
+			}
+			d.followOK(q)
+			if first >= end && !caught() {
+				return
+			}
 			continue
 		}
-		d.followErr.Store(nil)
+		d.followOK(q)
 		rec, err := schemas.DecodeDelivery(m.Value)
 		switch {
 		case err != nil:
@@ -226,17 +242,43 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 	}
 }
 
-// followFailed records a failure of followDeliveries for /readyz and logs
-// it, at most once a while.
-func (d *dispatcher) followFailed(ctx context.Context, what string, err error) {
+// followFailed records a failure of followDeliveries in reading
+// partition q (-1: the partition count) for /readyz, and logs it at most
+// once a while.
+func (d *dispatcher) followFailed(ctx context.Context, q int, what string, err error) {
 	if ctx.Err() != nil {
 		return
 	}
 	err = fmt.Errorf("%s: %w", what, err)
-	d.followErr.Store(&err)
+	d.followMu.Lock()
+	d.followErrs[q] = err
+	d.followMu.Unlock()
 	if d.learnLog.Allow() {
-		d.log.Warn("drain: cannot follow the group's deliveries; retrying", "err", err)
+		d.log.Warn("drain: cannot follow the group's deliveries; retrying", "partition", q, "err", err)
 	}
+}
+
+// followOK records that reading partition q (-1: the partition count)
+// works again.
+func (d *dispatcher) followOK(q int) {
+	d.followMu.Lock()
+	delete(d.followErrs, q)
+	d.followMu.Unlock()
+}
+
+// followHealth reports what followDeliveries cannot read.
+func (d *dispatcher) followHealth() error {
+	d.followMu.Lock()
+	defer d.followMu.Unlock()
+	if len(d.followErrs) == 0 {
+		return nil
+	}
+	qs := make([]int, 0, len(d.followErrs))
+	for q := range d.followErrs {
+		qs = append(qs, q)
+	}
+	sort.Ints(qs)
+	return fmt.Errorf("the drain holds its retries or may send superseded ones: %w", d.followErrs[qs[0]])
 }
 
 // followPause waits a second before followDeliveries tries again; it

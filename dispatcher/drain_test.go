@@ -13,9 +13,12 @@ import (
 	"time"
 
 	"github.com/segmentio/kafka-go"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
+	"github.com/trackstar/trackstar/internal/ops"
 	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -230,5 +233,70 @@ func TestDrainSeesANewerStatusSentLongBefore(t *testing.T) {
 	}
 	if len(sts) != 1 {
 		t.Fatalf("the partner got %v: the drain sent the pending status after the approval delivered 2 h before", sts)
+	}
+}
+
+// A drain's failure to read trackstar.deliveries leaves /readyz once the
+// same step works again, even on a quiet topic. (It stayed until the next
+// delivery record came, hours later for a drain.)
+func TestDrainReadinessRecovers(t *testing.T) {
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	addr := c.ListenAddrs()[0]
+	testenv.CreateTopics(t, addr, 1)
+	var failing atomic.Bool
+	var failed atomic.Int32
+	c.ControlKey(int16(kmsg.ListOffsets), func(kr kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if !failing.Load() {
+			return nil, nil, false
+		}
+		req := kr.(*kmsg.ListOffsetsRequest)
+		resp := req.ResponseKind().(*kmsg.ListOffsetsResponse)
+		for _, rt := range req.Topics {
+			st := kmsg.NewListOffsetsResponseTopic()
+			st.Topic = rt.Topic
+			for _, rp := range rt.Partitions {
+				sp := kmsg.NewListOffsetsResponseTopicPartition()
+				sp.Partition = rp.Partition
+				sp.ErrorCode = -1 // UNKNOWN_SERVER_ERROR
+				st.Partitions = append(st.Partitions, sp)
+			}
+			resp.Topics = append(resp.Topics, st)
+		}
+		failed.Add(1)
+		return resp, nil, true
+	})
+
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) { w.WriteHeader(http.StatusServiceUnavailable) })
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "2s", "[1h]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+	data := t.TempDir()
+	_, stop := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat})
+	conv := newConversion(7)
+	conv.TS = time.Now().Add(10 * time.Minute).UnixMilli() // drain reads from DedupWindow ago
+	produce(t, addr, conv)
+	waitFor(t, "the retrying record", func() bool { return recs.hasOutcome(t, conv.ConversionID, schemas.OutcomeRetrying) })
+	stop()
+	time.Sleep(2 * time.Second) // the record is older than the drain's window: the topic is quiet from there
+
+	failing.Store(true)
+	h := &ops.Health{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- dispatcher.Run(ctx, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat, DrainRetries: true,
+			DedupWindow: time.Second, Health: h, Logger: testLogger(t)})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	waitFor(t, "a failed ListOffsets", func() bool { return failed.Load() > 0 })
+	failing.Store(false)
+	time.Sleep(8 * time.Second) // the drain follows the topic fine from ~1 s on
+	t.Logf("partner requests: %d, delivery records: %d", len(p.requests()), len(recs.messages()))
+	if err := h.Ready(); err != nil {
+		t.Fatalf("8 s after Kafka recovered, the drain's /readyz still says: %v", err)
 	}
 }

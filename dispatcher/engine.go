@@ -592,19 +592,7 @@ func (e *engine) claim(j *job, revoked <-chan struct{}) bool {
 // the next confirmation, and reports false if the partitions are revoked
 // (the expelled member's generation ends) or the engine stops first.
 func (e *engine) awaitLease(revoked <-chan struct{}) bool {
-	for {
-		ok, renewed := e.lease.check()
-		if ok {
-			return true
-		}
-		select {
-		case <-renewed:
-		case <-revoked:
-			return false
-		case <-e.stopCh:
-			return false
-		}
-	}
+	return e.lease.wait(revoked, e.stopCh)
 }
 
 // unclaim ends j's request: the next status of its conversion may go.

@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -29,15 +30,8 @@ type lease struct {
 	until   time.Time     // monotonic; zero until a heartbeat is accepted
 	renewed chan struct{} // closed at the next renewal
 	lastErr error         // of the last heartbeat, nil when accepted
-	joined  time.Time     // when this member last joined a generation
-}
-
-// begin records that the member has joined a generation: until its first
-// heartbeat is accepted, the lease counts as lapsed from then.
-func (l *lease) begin() {
-	l.mu.Lock()
-	l.joined = time.Now()
-	l.mu.Unlock()
+	waiting int           // readers and requests waiting for the lease
+	since   time.Time     // when waiting last rose from zero
 }
 
 func newLease() *lease { return &lease{renewed: make(chan struct{})} }
@@ -61,44 +55,52 @@ func (l *lease) refused(err error) {
 	l.mu.Unlock()
 }
 
-// check reports whether the lease holds now, and a channel closed at its
-// next renewal.
-func (l *lease) check() (bool, <-chan struct{}) {
+// wait blocks until the lease holds, and reports false when a or b (nil:
+// never) is closed first.
+func (l *lease) wait(a, b <-chan struct{}) bool {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	return time.Now().Before(l.until), l.renewed
-}
-
-// wait blocks until the lease holds, and reports false when done is
-// closed first.
-func (l *lease) wait(done <-chan struct{}) bool {
+	if time.Now().Before(l.until) {
+		l.mu.Unlock()
+		return true
+	}
+	if l.waiting == 0 {
+		l.since = time.Now()
+	}
+	l.waiting++
+	defer func() {
+		l.mu.Lock()
+		l.waiting--
+		l.mu.Unlock()
+	}()
 	for {
-		ok, renewed := l.check()
-		if ok {
-			return true
-		}
+		renewed := l.renewed
+		l.mu.Unlock()
 		select {
 		case <-renewed:
-		case <-done:
+		case <-a:
 			return false
+		case <-b:
+			return false
+		}
+		l.mu.Lock()
+		if time.Now().Before(l.until) {
+			l.mu.Unlock()
+			return true
 		}
 	}
 }
 
-// health reports a lease lapsed for longer than grace: conversions read
-// from Kafka are held meanwhile.
+// health reports conversions waiting for the lease for longer than grace.
+// (Between generations nothing waits: a rebalance that takes long is not
+// reported.)
 func (l *lease) health(grace time.Duration) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	from := l.until
-	if l.joined.After(from) {
-		from = l.joined
-	}
-	if from.IsZero() || time.Since(from) < grace || time.Now().Before(l.until) {
-		return nil // not joined yet, lapsed briefly, or holding
+	if l.waiting == 0 || time.Since(l.since) < grace {
+		return nil
 	}
 	return fmt.Errorf("conversions read from Kafka are held: the group coordinator has not confirmed this member for %s (last heartbeat: %v)",
-		time.Since(from).Round(time.Second), l.lastErr)
+		time.Since(l.since).Round(time.Second), l.lastErr)
 }
 
 // confirmMembership heartbeats for gen every interval until the generation
@@ -119,7 +121,7 @@ func (d *dispatcher) confirmMembership(gctx context.Context, gen *kafka.Generati
 			d.engine.lease.renew(sent.Add(d.cfg.SessionTimeout))
 		} else if gctx.Err() == nil {
 			d.engine.lease.refused(err)
-			if d.leaseLog.Allow() {
+			if !errors.Is(err, kafka.RebalanceInProgress) && d.leaseLog.Allow() { // a rebalance ends the generation anyway
 				d.log.Warn("the group coordinator did not confirm this member; conversions read from Kafka wait for it",
 					"generation", gen.ID, "err", err)
 			}

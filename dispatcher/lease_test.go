@@ -50,3 +50,30 @@ func TestUnconfirmedMemberTakesNothing(t *testing.T) {
 	}
 	t.Logf("readiness: %v", health.Ready())
 }
+
+// A rebalance whose hand-over waits for a slow request (within the
+// delivery timeout the rebalance timeout is sized for) is no reason for
+// /readyz to say conversions are held: nothing waits for the lease between
+// generations. (It said so when readiness followed the lease itself.)
+func TestLongHandOverIsNotReportedAsHeld(t *testing.T) {
+	addr := testenv.KafkaTopics(t, 2)
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if nth == 1 {
+			time.Sleep(16 * time.Second) // slow, but within the 20 s delivery timeout
+		}
+	})
+	cat := holder(t, true, "20s", "[1s]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+	hA := &ops.Health{}
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat, SessionTimeout: 6 * time.Second, Health: hA})
+	waitFor(t, "A ready", func() bool { return hA.Ready() == nil })
+	produce(t, addr, newConversion(7), newConversion(7), newConversion(7), newConversion(7))
+	waitFor(t, "a request in flight", func() bool { return len(p.requests()) >= 1 })
+	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat, SessionTimeout: 6 * time.Second})
+	deadline := time.Now().Add(18 * time.Second)
+	for time.Now().Before(deadline) {
+		if err := hA.Ready(); err != nil && strings.Contains(err.Error(), "conversions read from Kafka are held") {
+			t.Fatalf("during a normal rebalance hand-over, /readyz: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
