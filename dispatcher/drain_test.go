@@ -115,13 +115,6 @@ func TestDrainDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
 			w.WriteHeader(http.StatusServiceUnavailable)
 		}
 	})
-	statuses := func(c schemas.Conversion) []string {
-		var sts []string
-		for _, r := range p.requestsFor(c.ConversionID) {
-			sts = append(sts, r.uri[strings.LastIndex(r.uri, "=")+1:])
-		}
-		return sts
-	}
 	addr := testenv.KafkaTopics(t, 1)
 	recs := collect(t, addr, bus.TopicDeliveries, 1)
 	cat := holder(t, true, "5s", "[3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s]",
@@ -167,7 +160,7 @@ func TestDrainDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
 	}
 
 	for _, c := range []schemas.Conversion{before, during} {
-		sts := statuses(c)
+		sts := p.statusesFor(c.ConversionID)
 		if len(sts) < 2 || sts[len(sts)-1] != schemas.StatusApproved || slices.Index(sts, schemas.StatusApproved) != len(sts)-1 {
 			t.Errorf("conversion %s: the partner got statuses %v, want the pending ones, then approved last", c.ConversionID, sts)
 		}
@@ -227,11 +220,7 @@ func TestDrainSeesANewerStatusSentLongBefore(t *testing.T) {
 		DrainRetries: true, Logger: testLogger(t)}); err != nil || ctx.Err() != nil {
 		t.Fatalf("drain: %v (context %v)", err, ctx.Err())
 	}
-	var sts []string
-	for _, r := range p.requestsFor(c.ConversionID) {
-		sts = append(sts, r.uri[strings.LastIndex(r.uri, "=")+1:])
-	}
-	if len(sts) != 1 {
+	if sts := p.statusesFor(c.ConversionID); len(sts) != 1 {
 		t.Fatalf("the partner got %v: the drain sent the pending status after the approval delivered 2 h before", sts)
 	}
 }
@@ -240,19 +229,11 @@ func TestDrainSeesANewerStatusSentLongBefore(t *testing.T) {
 // same step works again, even on a quiet topic. (It stayed until the next
 // delivery record came, hours later for a drain.)
 func TestDrainReadinessRecovers(t *testing.T) {
-	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(-1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	addr := c.ListenAddrs()[0]
-	testenv.CreateTopics(t, addr, 1)
 	var failing atomic.Bool
 	var failed atomic.Int32
-	c.ControlKey(int16(kmsg.ListOffsets), func(kr kmsg.Request) (kmsg.Response, error, bool) {
-		c.KeepControl()
+	addr := testenv.KafkaControlled(t, 1, kmsg.ListOffsets, func(_ *kfake.Cluster, kr kmsg.Request) kmsg.Response {
 		if !failing.Load() {
-			return nil, nil, false
+			return nil
 		}
 		req := kr.(*kmsg.ListOffsetsRequest)
 		resp := req.ResponseKind().(*kmsg.ListOffsetsResponse)
@@ -268,7 +249,7 @@ func TestDrainReadinessRecovers(t *testing.T) {
 			resp.Topics = append(resp.Topics, st)
 		}
 		failed.Add(1)
-		return resp, nil, true
+		return resp
 	})
 
 	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) { w.WriteHeader(http.StatusServiceUnavailable) })

@@ -514,14 +514,7 @@ func (e *engine) work(h *hostQueue) {
 		// request goes to the host whose breaker takes its verdict.
 		cat = e.cfg.Catalog.Current()
 		if host := currentHost(cat, &j.conv); host != "" && host != h.name {
-			e.unclaim(j)
-			<-e.tokens
-			if probe {
-				e.mu.Lock()
-				h.br.dropProbe()
-				e.mu.Unlock()
-				e.metrics.breakerState.WithLabelValues(h.name).Set(breakerOpen)
-			}
+			e.giveBack(j, h, probe)
 			j.host = host
 			e.enqueue(j)
 			continue
@@ -530,14 +523,7 @@ func (e *engine) work(h *hostQueue) {
 			// Its partition has moved on: the next owner sends it.
 			e.log.Info("not sending a conversion read before the group stopped counting this member; its partition's next owner sends it",
 				"conversion_id", j.conv.ConversionID, "version", j.conv.Version, "partition", j.partition)
-			e.unclaim(j)
-			<-e.tokens
-			if probe {
-				e.mu.Lock()
-				h.br.dropProbe()
-				e.mu.Unlock()
-				e.metrics.breakerState.WithLabelValues(h.name).Set(breakerOpen)
-			}
+			e.giveBack(j, h, probe)
 			e.abandon(j)
 			continue
 		}
@@ -582,6 +568,19 @@ func (e *engine) claim(j *job, revoked <-chan struct{}) bool {
 		case <-revoked:
 			return false
 		}
+	}
+}
+
+// giveBack undoes j's claim and request slot when it is not attempted
+// after all; the host's probe, if j was it, goes to the next request.
+func (e *engine) giveBack(j *job, h *hostQueue, probe bool) {
+	e.unclaim(j)
+	<-e.tokens
+	if probe {
+		e.mu.Lock()
+		h.br.dropProbe()
+		e.mu.Unlock()
+		e.metrics.breakerState.WithLabelValues(h.name).Set(breakerOpen)
 	}
 }
 

@@ -87,6 +87,17 @@ func (p *partner) requestsFor(id string) []partnerRequest {
 	return out
 }
 
+// statusesFor returns, in order, the value of the last query parameter
+// of each request for conversion id — its status, in tests whose URL
+// template ends with st={status}.
+func (p *partner) statusesFor(id string) []string {
+	var sts []string
+	for _, r := range p.requestsFor(id) {
+		sts = append(sts, r.uri[strings.LastIndex(r.uri, "=")+1:])
+	}
+	return sts
+}
+
 // distinct returns how many conversion IDs the partner has seen.
 func (p *partner) distinct() int {
 	p.mu.Lock()

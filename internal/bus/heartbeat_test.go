@@ -19,18 +19,7 @@ func TestHeartbeaterReportsTheCoordinatorsAnswer(t *testing.T) {
 	addr := testenv.KafkaTopics(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cg, err := kafka.NewConsumerGroup(kafka.ConsumerGroupConfig{
-		ID: "heartbeat-test", Brokers: []string{addr}, Topics: []string{bus.TopicConversions},
-		HeartbeatInterval: time.Second, SessionTimeout: 6 * time.Second,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cg.Close()
-	gen, err := cg.Next(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	gen := joinGroup(ctx, t, addr, "heartbeat-test")
 
 	h := bus.NewHeartbeater([]string{addr}, "heartbeat-test", 5*time.Second)
 	defer h.Close()
@@ -65,18 +54,7 @@ func TestHeartbeaterTimeout(t *testing.T) {
 	addr := testenv.KafkaSlowHeartbeats(t, 1, 300*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cg, err := kafka.NewConsumerGroup(kafka.ConsumerGroupConfig{
-		ID: "heartbeat-timeout", Brokers: []string{addr}, Topics: []string{bus.TopicConversions},
-		HeartbeatInterval: time.Second, SessionTimeout: 10 * time.Second,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cg.Close()
-	gen, err := cg.Next(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	gen := joinGroup(ctx, t, addr, "heartbeat-timeout")
 	h := bus.NewHeartbeater([]string{addr}, "heartbeat-timeout", 200*time.Millisecond)
 	defer h.Close()
 	for range 20 {
@@ -90,4 +68,23 @@ func TestHeartbeaterTimeout(t *testing.T) {
 	if err := slow.Beat(ctx, gen.ID, gen.MemberID); err != nil {
 		t.Fatalf("a heartbeat given time enough: %v", err)
 	}
+}
+
+// joinGroup makes the test a member of group and returns its generation;
+// the member leaves when the test ends.
+func joinGroup(ctx context.Context, t *testing.T, addr, group string) *kafka.Generation {
+	t.Helper()
+	cg, err := kafka.NewConsumerGroup(kafka.ConsumerGroupConfig{
+		ID: group, Brokers: []string{addr}, Topics: []string{bus.TopicConversions},
+		HeartbeatInterval: time.Second, SessionTimeout: 10 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cg.Close() })
+	gen, err := cg.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return gen
 }

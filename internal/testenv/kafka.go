@@ -50,22 +50,33 @@ func CreateTopics(t testing.TB, addr string, partitions int) {
 	}
 }
 
-// KafkaSlowHeartbeats is KafkaTopics with a broker that answers every
-// consumer group heartbeat only after delay, as a coordinator under load
-// does; every other request is answered at once.
-func KafkaSlowHeartbeats(t testing.TB, partitions int, delay time.Duration) string {
+// KafkaControlled is KafkaTopics with a broker that hands every request
+// of kind key to control first (kfake's ControlKey): control returns the
+// answer to send, or nil to let the broker answer as usual.
+func KafkaControlled(t testing.TB, partitions int, key kmsg.Key, control func(c *kfake.Cluster, req kmsg.Request) kmsg.Response) string {
 	t.Helper()
 	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(-1))
 	if err != nil {
 		t.Fatalf("cannot start a broker: %v", err)
 	}
 	t.Cleanup(c.Close)
-	c.ControlKey(int16(kmsg.Heartbeat), func(kmsg.Request) (kmsg.Response, error, bool) {
-		c.KeepControl()
-		c.SleepControl(func() { time.Sleep(delay) })
-		return nil, nil, false // then handled as usual
-	})
 	addr := c.ListenAddrs()[0]
 	CreateTopics(t, addr, partitions)
+	c.ControlKey(int16(key), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		resp := control(c, req)
+		return resp, nil, resp != nil
+	})
 	return addr
+}
+
+// KafkaSlowHeartbeats is KafkaTopics with a broker that answers every
+// consumer group heartbeat only after delay, as a coordinator under load
+// does; every other request is answered at once.
+func KafkaSlowHeartbeats(t testing.TB, partitions int, delay time.Duration) string {
+	t.Helper()
+	return KafkaControlled(t, partitions, kmsg.Heartbeat, func(c *kfake.Cluster, _ kmsg.Request) kmsg.Response {
+		c.SleepControl(func() { time.Sleep(delay) })
+		return nil
+	})
 }
