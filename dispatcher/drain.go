@@ -186,12 +186,15 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 		return
 	}
 	for {
-		fctx, cancel := ctx, context.CancelFunc(func() {})
+		// A fetch waits a second while catching up, to notice the end; 3 s
+		// while following, to notice a failed read working again.
+		wait := 3 * time.Second
 		if l != nil {
-			fctx, cancel = context.WithTimeout(ctx, time.Second)
+			wait = time.Second
 		}
+		fctx, cancel := context.WithTimeout(ctx, wait)
 		m, err := r.FetchMessage(fctx)
-		idle := l != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil
+		idle := errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
@@ -204,17 +207,19 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 				}
 				continue
 			}
-			// Nothing for a second while catching up: the records up to
-			// the end may have gone (retention) since it was listed. (The
-			// reader retries a broker it cannot reach by itself; this says
-			// so on /readyz.)
+			// Nothing came. Catching up, the records up to the end may
+			// have gone (retention) since it was listed; following, a
+			// failed read may work again, which only a request shows.
+			if l == nil && !d.followFailing(q) {
+				continue
+			}
 			first, err := bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.FirstOffsetOf(q))
 			if err != nil {
 				d.followFailed(ctx, q, "cannot read "+bus.TopicDeliveries, err)
 				continue
 			}
 			d.followOK(q)
-			if first >= end && !caught() {
+			if l != nil && first >= end && !caught() {
 				return
 			}
 			continue
@@ -266,6 +271,13 @@ func (d *dispatcher) followOK(q int) {
 	d.followMu.Unlock()
 }
 
+// followFailing reports whether reading partition q failed last time.
+func (d *dispatcher) followFailing(q int) bool {
+	d.followMu.Lock()
+	defer d.followMu.Unlock()
+	return d.followErrs[q] != nil
+}
+
 // followHealth reports what followDeliveries cannot read.
 func (d *dispatcher) followHealth() error {
 	d.followMu.Lock()
@@ -278,7 +290,7 @@ func (d *dispatcher) followHealth() error {
 		qs = append(qs, q)
 	}
 	sort.Ints(qs)
-	return fmt.Errorf("the drain holds its retries or may send superseded ones: %w", d.followErrs[qs[0]])
+	return fmt.Errorf("the drain cannot read the group's deliveries, so it may hold its retries or send superseded ones: %w", d.followErrs[qs[0]])
 }
 
 // followPause waits a second before followDeliveries tries again; it

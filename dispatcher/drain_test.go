@@ -281,3 +281,54 @@ func TestDrainReadinessRecovers(t *testing.T) {
 		t.Fatalf("8 s after Kafka recovered, the drain's /readyz still says: %v", err)
 	}
 }
+
+// The same once the drain has caught up and follows the topic: a failed
+// fetch leaves /readyz once fetching works again, on a quiet topic too.
+func TestDrainReadinessRecoversWhileFollowing(t *testing.T) {
+	var failing atomic.Bool
+	addr := testenv.KafkaControlled(t, 1, kmsg.Fetch, func(_ *kfake.Cluster, kr kmsg.Request) kmsg.Response {
+		req := kr.(*kmsg.FetchRequest)
+		if !failing.Load() || len(req.Topics) == 0 || req.Topics[0].Topic != bus.TopicDeliveries {
+			return nil
+		}
+		resp := req.ResponseKind().(*kmsg.FetchResponse)
+		for _, rt := range req.Topics {
+			st := kmsg.NewFetchResponseTopic()
+			st.Topic, st.TopicID = rt.Topic, rt.TopicID
+			for _, rp := range rt.Partitions {
+				sp := kmsg.NewFetchResponseTopicPartition()
+				sp.Partition = rp.Partition
+				sp.ErrorCode = -1 // UNKNOWN_SERVER_ERROR
+				st.Partitions = append(st.Partitions, sp)
+			}
+			resp.Topics = append(resp.Topics, st)
+		}
+		return resp
+	})
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) { w.WriteHeader(http.StatusServiceUnavailable) })
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cat := holder(t, true, "2s", "[1h]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
+	data := t.TempDir()
+	_, stop := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat})
+	c := newConversion(7)
+	produce(t, addr, c)
+	waitFor(t, "the retrying record", func() bool { return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeRetrying) })
+	stop() // a retry an hour away: the drain keeps following
+
+	h := &ops.Health{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- dispatcher.Run(ctx, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat, DrainRetries: true,
+			Health: h, Logger: testLogger(t)})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	time.Sleep(2 * time.Second) // caught up: nothing but that retry's record
+	if err := h.Ready(); err != nil {
+		t.Fatalf("following, before any failure: %v", err)
+	}
+	failing.Store(true)
+	waitFor(t, "/readyz to report the failed fetches", func() bool { return h.Ready() != nil })
+	failing.Store(false)
+	waitFor(t, "/readyz to recover", func() bool { return h.Ready() == nil })
+}
