@@ -416,7 +416,7 @@ func (d *dispatcher) handOver(runCtx context.Context, gen *kafka.Generation, rea
 // the coordinator no longer knows the member. During a rebalance the
 // coordinator answers REBALANCE_IN_PROGRESS and counts the heartbeat.
 func (d *dispatcher) keepAlive(gen *kafka.Generation, interval time.Duration, stop <-chan struct{}) {
-	h := bus.NewHeartbeater(d.cfg.Brokers, d.cfg.Group, max(interval, time.Second))
+	h := d.heartbeater()
 	defer h.Close()
 	t := time.NewTicker(interval)
 	defer t.Stop()

@@ -105,7 +105,7 @@ func Run(ctx context.Context, cfg Config) error {
 			if err := d.learnHealth(); err != nil {
 				return err
 			}
-			if err := d.engine.lease.health(cfg.SessionTimeout); !cfg.DrainRetries && err != nil {
+			if err := d.engine.lease.health(cfg.SessionTimeout); err != nil {
 				return err
 			}
 			if err := d.followHealth(); err != nil {

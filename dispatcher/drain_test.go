@@ -252,34 +252,17 @@ func TestDrainReadinessRecovers(t *testing.T) {
 		return resp
 	})
 
-	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) { w.WriteHeader(http.StatusServiceUnavailable) })
-	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	cat := holder(t, true, "2s", "[1h]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
-	data := t.TempDir()
-	_, stop := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat})
-	conv := newConversion(7)
-	conv.TS = time.Now().Add(10 * time.Minute).UnixMilli() // drain reads from DedupWindow ago
-	produce(t, addr, conv)
-	waitFor(t, "the retrying record", func() bool { return recs.hasOutcome(t, conv.ConversionID, schemas.OutcomeRetrying) })
-	stop()
-	time.Sleep(2 * time.Second) // the record is older than the drain's window: the topic is quiet from there
+	c := newConversion(7)
+	c.TS = time.Now().Add(10 * time.Minute).UnixMilli() // the drain reads from DedupWindow ago
+	cfg := leaveOneRetry(t, addr, c)
+	time.Sleep(2 * time.Second) // its record is older than the drain's window: the topic is quiet from there
 
 	failing.Store(true)
-	h := &ops.Health{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- dispatcher.Run(ctx, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat, DrainRetries: true,
-			DedupWindow: time.Second, Health: h, Logger: testLogger(t)})
-	}()
-	t.Cleanup(func() { cancel(); <-done })
+	cfg.DedupWindow = time.Second
+	h := startDrain(t, cfg)
 	waitFor(t, "a failed ListOffsets", func() bool { return failed.Load() > 0 })
 	failing.Store(false)
-	time.Sleep(8 * time.Second) // the drain follows the topic fine from ~1 s on
-	t.Logf("partner requests: %d, delivery records: %d", len(p.requests()), len(recs.messages()))
-	if err := h.Ready(); err != nil {
-		t.Fatalf("8 s after Kafka recovered, the drain's /readyz still says: %v", err)
-	}
+	waitFor(t, "/readyz to recover", func() bool { return h.Ready() == nil })
 }
 
 // The same once the drain has caught up and follows the topic: a failed
@@ -305,25 +288,8 @@ func TestDrainReadinessRecoversWhileFollowing(t *testing.T) {
 		}
 		return resp
 	})
-	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) { w.WriteHeader(http.StatusServiceUnavailable) })
-	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	cat := holder(t, true, "2s", "[1h]", affiliate(7, p.srv.URL+"/pb?tx={conversion_id}"))
-	data := t.TempDir()
-	_, stop := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat})
-	c := newConversion(7)
-	produce(t, addr, c)
-	waitFor(t, "the retrying record", func() bool { return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeRetrying) })
-	stop() // a retry an hour away: the drain keeps following
-
-	h := &ops.Health{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- dispatcher.Run(ctx, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat, DrainRetries: true,
-			Health: h, Logger: testLogger(t)})
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	time.Sleep(2 * time.Second) // caught up: nothing but that retry's record
+	h := startDrain(t, leaveOneRetry(t, addr, newConversion(7))) // a retry an hour away: the drain keeps following
+	time.Sleep(2 * time.Second)                                  // caught up: nothing but that retry's record
 	if err := h.Ready(); err != nil {
 		t.Fatalf("following, before any failure: %v", err)
 	}
@@ -331,4 +297,31 @@ func TestDrainReadinessRecoversWhileFollowing(t *testing.T) {
 	waitFor(t, "/readyz to report the failed fetches", func() bool { return h.Ready() != nil })
 	failing.Store(false)
 	waitFor(t, "/readyz to recover", func() bool { return h.Ready() == nil })
+}
+
+// leaveOneRetry has a member schedule the retry of c (its partner answers
+// 503, the next try an hour away) and stop, as one removed for good does.
+// It returns the config of a drain of that member's data directory.
+func leaveOneRetry(t *testing.T, addr string, c schemas.Conversion) dispatcher.Config {
+	t.Helper()
+	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) { w.WriteHeader(http.StatusServiceUnavailable) })
+	recs := collect(t, addr, bus.TopicDeliveries, 1)
+	cfg := dispatcher.Config{Brokers: []string{addr}, DataDir: t.TempDir(),
+		Catalog: holder(t, true, "2s", "[1h]", affiliate(int(c.AffID), p.srv.URL+"/pb?tx={conversion_id}"))}
+	_, stop := startStoppableDispatcher(t, cfg)
+	produce(t, addr, c)
+	waitFor(t, "the retrying record", func() bool { return recs.hasOutcome(t, c.ConversionID, schemas.OutcomeRetrying) })
+	stop()
+	cfg.DrainRetries = true
+	return cfg
+}
+
+// startDrain runs a drain until the test ends and returns its readiness.
+func startDrain(t *testing.T, cfg dispatcher.Config) *ops.Health {
+	cfg.Health, cfg.Logger = &ops.Health{}, testLogger(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- dispatcher.Run(ctx, cfg) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return cfg.Health
 }

@@ -107,11 +107,9 @@ func (l *lease) health(grace time.Duration) error {
 // ends, renewing the lease with every heartbeat the coordinator accepts.
 // (kafka-go heartbeats too, but does not say when one succeeds.) A refused
 // one — the member expelled, or a rebalance under way — renews nothing;
-// kafka-go's own heartbeat then ends the generation. An answer that comes
-// late still proves the session ran from when the heartbeat was sent, so
-// each may take up to half the session timeout.
+// kafka-go's own heartbeat then ends the generation.
 func (d *dispatcher) confirmMembership(gctx context.Context, gen *kafka.Generation, interval time.Duration) {
-	h := bus.NewHeartbeater(d.cfg.Brokers, d.cfg.Group, max(d.cfg.SessionTimeout/2, time.Second))
+	h := d.heartbeater()
 	defer h.Close()
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -132,4 +130,11 @@ func (d *dispatcher) confirmMembership(gctx context.Context, gen *kafka.Generati
 		case <-t.C:
 		}
 	}
+}
+
+// heartbeater returns a Heartbeater for this member's group. Each
+// heartbeat may take up to half the session timeout: one answered late
+// still reached the coordinator, and counts.
+func (d *dispatcher) heartbeater() *bus.Heartbeater {
+	return bus.NewHeartbeater(d.cfg.Brokers, d.cfg.Group, max(d.cfg.SessionTimeout/2, time.Second))
 }
