@@ -32,7 +32,7 @@ type dispatcher struct {
 	learnFailing map[int]error
 	learnLog     ops.LogLimiter
 	leaseLog     ops.LogLimiter
-	// followErrs says why a drain cannot follow trackstar.deliveries, by
+	// followErrs says why followDeliveries cannot read trackstar.deliveries, by
 	// partition (-1: the partition count); empty while it can.
 	followMu   sync.Mutex
 	followErrs map[int]error
@@ -89,13 +89,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	var since time.Time // where a drain reads the group's deliveries from
-	if cfg.DrainRetries {
-		if since, err = d.drainSince(); err != nil {
-			d.engine.deliveries.Close()
-			d.engine.dlq.Close()
-			return err
-		}
+	since, err := d.followSince() // where followDeliveries starts
+	if err != nil {
+		d.engine.deliveries.Close()
+		d.engine.dlq.Close()
+		return err
 	}
 	if cfg.Health != nil {
 		cfg.Health.Register("dispatcher", func() error {
@@ -125,21 +123,21 @@ func Run(ctx context.Context, cfg Config) error {
 	defer hardCancel()
 	go d.engine.finalize(hardStop)
 	var bg sync.WaitGroup
-	bg.Add(2)
-	// caughtUp holds a drain's retries back until it knows the status
-	// updates the group's members have sent (see followDeliveries).
-	var caughtUp chan struct{}
-	if cfg.DrainRetries {
-		caughtUp = make(chan struct{})
-	}
+	bg.Add(3)
+	// caughtUp holds the schedule's retries back until the dispatcher
+	// knows the status updates the group's members have sent (see
+	// followDeliveries).
+	caughtUp := make(chan struct{})
 	go func() {
 		defer bg.Done()
-		if caughtUp != nil {
-			select {
-			case <-caughtUp:
-			case <-runCtx.Done():
-				return
-			}
+		d.followDeliveries(runCtx, since, caughtUp)
+	}()
+	go func() {
+		defer bg.Done()
+		select {
+		case <-caughtUp:
+		case <-runCtx.Done():
+			return
 		}
 		d.engine.runScheduler(runCtx)
 	}()
@@ -151,14 +149,10 @@ func Run(ctx context.Context, cfg Config) error {
 	consumed := make(chan struct{})
 	if cfg.DrainRetries {
 		close(consumed)
-		bg.Add(2)
+		bg.Add(1)
 		go func() {
 			defer bg.Done()
 			d.stopWhenDrained(runCtx)
-		}()
-		go func() {
-			defer bg.Done()
-			d.followDeliveries(runCtx, since, caughtUp)
 		}()
 	} else {
 		go func() {

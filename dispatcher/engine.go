@@ -224,7 +224,7 @@ func (e *engine) submit(ctx context.Context, m kafka.Message, ack func()) {
 	}
 	// Before it is queued: an older status of the conversion still
 	// waiting for a retry must not be sent after this one.
-	if err := e.store.noteVersion(conv.ConversionID, conv.Version, e.now()); err != nil {
+	if err := e.store.noteVersion(conv.ConversionID, conv.Version, e.now(), pebble.Sync); err != nil {
 		e.fatal(err)
 		return
 	}

@@ -177,8 +177,10 @@ func (s *scheduleStore) latestVersion(conversionID string, now time.Time) (uint3
 // than a version 1. Synced before the update is queued: were the note
 // lost in a crash after the partner got the update, an older status's
 // retry in the schedule could go out after it before the replay reads the
-// update again.
-func (s *scheduleStore) noteVersion(conversionID string, version uint32, now time.Time) error {
+// update again. opts is pebble.Sync for that reason; a note of an update
+// another member sent, read from trackstar.deliveries, need not be
+// synced, since a restart reads it again before any retry goes out.
+func (s *scheduleStore) noteVersion(conversionID string, version uint32, now time.Time, opts *pebble.WriteOptions) error {
 	if version < 2 {
 		return nil
 	}
@@ -186,7 +188,7 @@ func (s *scheduleStore) noteVersion(conversionID string, version uint32, now tim
 	if err != nil || latest >= version {
 		return err
 	}
-	if err := s.db.Set(versionKey(dayOf(now), conversionID), binary.BigEndian.AppendUint32(nil, version), pebble.Sync); err != nil {
+	if err := s.db.Set(versionKey(dayOf(now), conversionID), binary.BigEndian.AppendUint32(nil, version), opts); err != nil {
 		return fmt.Errorf("cannot write version note of %s: %w", conversionID, err)
 	}
 	return nil

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/trackstar/trackstar/internal/catalog"
@@ -224,7 +225,7 @@ func TestVersionNotes(t *testing.T) {
 	}
 	note := func(v uint32, at time.Time) {
 		t.Helper()
-		if err := s.noteVersion("c1", v, at); err != nil {
+		if err := s.noteVersion("c1", v, at, pebble.Sync); err != nil {
 			t.Fatal(err)
 		}
 	}
