@@ -105,20 +105,20 @@ func (d *dispatcher) followSince() (time.Time, error) {
 }
 
 // followPartition follows partition q of trackstar.deliveries for
-// followDeliveries from the first record of time from (zero: its first
-// record), calling caughtUp once it has read up to where the partition
-// ended when it started.
+// followDeliveries (see followStart), calling caughtUp once it has read
+// up to where the partition ended when it started.
 func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, q int, from time.Time, caughtUp func()) {
-	var start, end int64
+	var start followPos
+	var end int64
 	for {
 		var err error
 		end, err = bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.LastOffsetOf(q))
 		if err == nil {
-			req := kafka.FirstOffsetOf(q)
-			if !from.IsZero() {
-				req = kafka.TimeOffsetOf(q, from)
-			}
-			start, err = bus.ListOffset(ctx, client, bus.TopicDeliveries, req)
+			start, err = d.followStart(ctx, client, q, from, end)
+		}
+		if se := (storeError{}); errors.As(err, &se) {
+			d.fatal(se.err)
+			return
 		}
 		if err == nil {
 			d.followOK(q)
@@ -129,25 +129,48 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 			return
 		}
 	}
-	if start < 0 || start > end {
-		start = end // nothing from then on
-	}
 	r := kafka.NewReader(kafka.ReaderConfig{
 		Brokers: d.cfg.Brokers, Topic: bus.TopicDeliveries, Partition: q,
 		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: 250 * time.Millisecond, ReadLagInterval: -1,
 	})
 	defer r.Close()
-	if err := r.SetOffset(start); err != nil {
+	if err := r.SetOffset(start.next); err != nil {
 		d.fatal(err)
 		return
 	}
 
 	// Catching up, notes go in batches synced once at the end, as a
-	// partition's learning does; then each is synced as it comes.
+	// partition's learning does; then each is written as it comes. The
+	// position read to goes with them (see setFollowed): into each batch,
+	// then at most once a second, and once more at the end.
 	l := d.engine.store.newLearner(d.cfg.Now(), d.cfg.DedupWindow)
 	l.notesOnly = true
 	defer l.close()
+	next, saved := start.next, start.next
+	pos := func() followPos { return followPos{next: next, since: start.since} }
+	var savedAt time.Time
+	save := func() bool {
+		if next == saved {
+			return true
+		}
+		if err := setFollowed(d.engine.store.db, q, pos()); err != nil {
+			d.fatal(err)
+			return false
+		}
+		saved, savedAt = next, time.Now()
+		return true
+	}
+	defer func() {
+		if l == nil {
+			save()
+		}
+	}()
 	caught := func() bool {
+		if err := setFollowed(l.b, q, pos()); err != nil {
+			d.fatal(err)
+			return false
+		}
+		saved, savedAt = next, time.Now()
 		if err := l.finish(); err != nil {
 			d.fatal(err)
 			return false
@@ -156,7 +179,7 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 		l = nil
 		return true
 	}
-	if start >= end && !caught() {
+	if start.next >= end && !caught() {
 		return
 	}
 	for {
@@ -193,12 +216,17 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 				continue
 			}
 			d.followOK(q)
-			if l != nil && first >= end && !caught() {
-				return
+			if l != nil && first >= end {
+				next = max(next, first)
+				if !caught() {
+					return
+				}
 			}
 			continue
 		}
 		d.followOK(q)
+		d.metrics.followed.Inc()
+		next = m.Offset + 1
 		rec, err := schemas.DecodeDelivery(m.Value)
 		switch {
 		case err != nil:
@@ -210,16 +238,54 @@ func (d *dispatcher) followPartition(ctx context.Context, client *kafka.Client, 
 		case rec.Version >= 2:
 			// Every record of a version 2 or later, whatever its outcome:
 			// that status is on its way to the partner. Not synced: a
-			// restart reads these records again.
+			// restart reads these records again, as its position is
+			// written after the note.
 			if err := d.engine.store.noteVersion(rec.ConversionID, rec.Version, d.cfg.Now(), pebble.NoSync); err != nil {
 				d.fatal(err)
 				return
 			}
 		}
-		if l != nil && m.Offset+1 >= end && !caught() {
+		if l != nil {
+			if err := setFollowed(l.b, q, pos()); err != nil {
+				d.fatal(err)
+				return
+			}
+			if next >= end && !caught() {
+				return
+			}
+		} else if time.Since(savedAt) >= time.Second && !save() {
 			return
 		}
 	}
+}
+
+// followStart returns where followPartition starts reading partition q:
+// where this dispatcher stopped reading it last time, when it has read
+// every record since from (zero: since the first) up to there and the
+// partition still reaches it (a topic deleted and created again starts
+// over); else the first record of time from, or end when there is none.
+// So a restart reads on where it stopped, unless its schedule now holds a
+// conversion older than what it has read (see followSince).
+func (d *dispatcher) followStart(ctx context.Context, client *kafka.Client, q int, from time.Time, end int64) (followPos, error) {
+	pos, ok, err := d.engine.store.followed(q)
+	if err != nil {
+		return followPos{}, storeError{err}
+	}
+	covered := pos.since.IsZero() || (!from.IsZero() && !from.Before(pos.since))
+	if ok && covered && pos.next <= end {
+		first, err := bus.ListOffset(ctx, client, bus.TopicDeliveries, kafka.FirstOffsetOf(q))
+		pos.next = max(pos.next, first)
+		return pos, err
+	}
+	req := kafka.FirstOffsetOf(q)
+	if !from.IsZero() {
+		req = kafka.TimeOffsetOf(q, from)
+	}
+	start, err := bus.ListOffset(ctx, client, bus.TopicDeliveries, req)
+	if err == nil && (start < 0 || start > end) {
+		start = end // nothing from then on
+	}
+	return followPos{next: start, since: from}, err
 }
 
 // followFailed records a failure of followDeliveries in reading

@@ -20,6 +20,7 @@ type metrics struct {
 	refused        prometheus.Counter     // attempts refused by the SSRF guard
 	commitErrors   prometheus.Counter     // offset commits that failed
 	writeErrors    *prometheus.CounterVec // failed writes of delivery records and dead letters, by topic
+	followed       prometheus.Counter     // records of trackstar.deliveries read by followDeliveries
 }
 
 func newMetrics(reg *prometheus.Registry) *metrics {
@@ -73,6 +74,10 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "trackstar_dispatcher_write_errors_total",
 			Help: "Failed writes of delivery records and dead letters to Kafka (each is retried), by topic.",
 		}, []string{"topic"}),
+		followed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "trackstar_dispatcher_deliveries_followed_total",
+			Help: "Records of trackstar.deliveries read to learn the status updates the group's members send (every member reads every partition; a restart reads on from where it stopped).",
+		}),
 	}
 	// Every series with a known label set exists from the start, at 0, so
 	// that a dashboard or an alert on a rate finds it before its first event.
@@ -89,6 +94,6 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		m.writeErrors.WithLabelValues(t)
 	}
 	reg.MustRegister(m.conversions, m.deliveries, m.latency, m.queueDepth, m.inflight, m.retriesPending,
-		m.deferred, m.breakerState, m.breakerTrips, m.refused, m.commitErrors, m.writeErrors)
+		m.deferred, m.breakerState, m.breakerTrips, m.refused, m.commitErrors, m.writeErrors, m.followed)
 	return m
 }

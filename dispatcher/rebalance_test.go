@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/trackstar/trackstar/dispatcher"
@@ -256,6 +257,48 @@ func TestRetryOfAnOlderStatusSeesAnotherMembersNewer(t *testing.T) {
 		if !superseded(c) {
 			t.Errorf("conversion %s: its pending status did not end superseded by version 2", c.ConversionID)
 		}
+	}
+}
+
+// A restarted dispatcher reads the group's deliveries on from where it
+// stopped, not the whole look-back again (which reaches back to its
+// oldest scheduled conversion: hours of every partition, at each start).
+func TestFollowerReadsOnWhereItStopped(t *testing.T) {
+	addr := testenv.KafkaTopics(t, 1)
+	write := func(n int) {
+		t.Helper()
+		w := bus.NewWriter(bus.WriterConfig{Brokers: []string{addr}, Topic: bus.TopicDeliveries})
+		defer w.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		for range n {
+			c := newConversion(7)
+			if err := w.WriteMessages(ctx, kafka.Message{Key: []byte(c.ClickID), Value: schemas.EncodeDelivery(schemas.Delivery{
+				V: schemas.Version, ConversionID: c.ConversionID, Version: 2, Status: schemas.StatusApproved, AffID: 7,
+				Attempt: 1, TS: time.Now().UnixMilli(), Method: "GET", StatusCode: 200, Outcome: schemas.OutcomeDelivered,
+			})}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	followed := func(reg *prometheus.Registry) float64 {
+		return metric(t, reg, "trackstar_dispatcher_deliveries_followed_total")
+	}
+	cfg := dispatcher.Config{Brokers: []string{addr}, DataDir: t.TempDir(),
+		Catalog: holder(t, true, "5s", "[1s]", affiliate(7, "http://127.0.0.1:1/pb"))}
+
+	write(5)
+	reg, stop := startStoppableDispatcher(t, cfg)
+	waitFor(t, "the five records read", func() bool { return followed(reg) == 5 })
+	stop()
+
+	write(1)
+	cfg.Registry = nil
+	reg, _ = startStoppableDispatcher(t, cfg)
+	waitFor(t, "the new record read", func() bool { return followed(reg) >= 1 })
+	time.Sleep(time.Second)
+	if n := followed(reg); n != 1 {
+		t.Fatalf("the restarted dispatcher read %v records, want only the 1 written while it was stopped", n)
 	}
 }
 

@@ -11,14 +11,16 @@ import (
 
 	"github.com/cockroachdb/pebble/v2"
 
+	"github.com/trackstar/trackstar/internal/bus"
 	"github.com/trackstar/trackstar/schemas"
 )
 
-// The schedule lives in Pebble under DataDir/dispatcher. Three key spaces:
+// The schedule lives in Pebble under DataDir/dispatcher. Four key spaces:
 //
 //	's' host 0x00 due(8 bytes, big-endian Unix nanoseconds) jobID -> scheduledJob (JSON)
 //	'm' bucket(4 bytes, big-endian) jobID                         -> empty
 //	'v' day(4 bytes, big-endian) conversionID                     -> version (4 bytes, big-endian)
+//	'f' partition(4 bytes, big-endian)                            -> next offset, since (8 bytes each, big-endian; since in Unix ms)
 //
 // Schedule entries are grouped by host, then ordered by due time, so the
 // scheduler skips a paused or busy host with one seek and takes a host's
@@ -28,11 +30,15 @@ import (
 // are dropped a bucket at a time with one range deletion. Version notes
 // ('v') remember, for versionDays days, the newest status update of a
 // conversion that was handed to a partner's queue, so that an older status
-// still waiting for its retry is not sent after it.
+// still waiting for its retry is not sent after it. Follow positions
+// ('f') say where followDeliveries reads each partition of
+// trackstar.deliveries next, and since when it has read every record up
+// to there, so that a restart reads on from there.
 const (
 	prefixSchedule = 's'
 	prefixMarker   = 'm'
 	prefixVersion  = 'v'
+	prefixFollowed = 'f'
 )
 
 // versionDays is how many days a version note is kept: an older status
@@ -190,6 +196,54 @@ func (s *scheduleStore) noteVersion(conversionID string, version uint32, now tim
 	}
 	if err := s.db.Set(versionKey(dayOf(now), conversionID), binary.BigEndian.AppendUint32(nil, version), opts); err != nil {
 		return fmt.Errorf("cannot write version note of %s: %w", conversionID, err)
+	}
+	return nil
+}
+
+func followedKey(q int) []byte {
+	return binary.BigEndian.AppendUint32([]byte{prefixFollowed}, uint32(q))
+}
+
+// followPos is where followDeliveries reads a partition of
+// trackstar.deliveries next, and since when it has read every record
+// before that.
+type followPos struct {
+	next  int64
+	since time.Time // zero: from the partition's first record
+}
+
+// followed returns the position of partition q of trackstar.deliveries;
+// ok is false when none is stored.
+func (s *scheduleStore) followed(q int) (pos followPos, ok bool, err error) {
+	v, closer, err := s.db.Get(followedKey(q))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return followPos{}, false, nil
+	}
+	if err != nil {
+		return followPos{}, false, fmt.Errorf("cannot read where %s/%d was read to: %w", bus.TopicDeliveries, q, err)
+	}
+	defer closer.Close()
+	if len(v) != 16 {
+		return followPos{}, false, nil
+	}
+	pos.next = int64(binary.BigEndian.Uint64(v))
+	if ms := int64(binary.BigEndian.Uint64(v[8:])); ms > 0 {
+		pos.since = time.UnixMilli(ms)
+	}
+	return pos, true, nil
+}
+
+// setFollowed writes to w (the store, or a batch of it) the position of
+// partition q of trackstar.deliveries, unsynced: written after the notes
+// of the records before it, it is never recovered without them.
+func setFollowed(w pebble.Writer, q int, pos followPos) error {
+	var ms int64
+	if !pos.since.IsZero() {
+		ms = max(pos.since.UnixMilli(), 1)
+	}
+	v := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(pos.next)), uint64(ms))
+	if err := w.Set(followedKey(q), v, pebble.NoSync); err != nil {
+		return fmt.Errorf("cannot write where %s/%d was read to: %w", bus.TopicDeliveries, q, err)
 	}
 	return nil
 }
