@@ -107,6 +107,7 @@ func (p *partition) load() (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("cannot read offsets of partition %d: %w", p.id, err)
 	}
+	p.cut = p.meta.Cut
 	lo, hi := kindBounds(p.id, kindHeld)
 	it, err := p.db.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 	if err != nil {
@@ -378,7 +379,9 @@ func (p *partition) deadline(pb *schemas.Postback) int64 {
 // a click of a later time was read, or there is nothing left to read and
 // the clock has passed t.
 func (p *partition) clicksPast(t int64, now time.Time) bool {
-	return p.clicksWatermark >= t || p.clicksCaughtUp && now.UnixMilli() >= t
+	// A click time ahead of the clock (from an edge whose clock runs
+	// ahead) shows only that the partition has reached now.
+	return min(p.clicksWatermark, now.UnixMilli()) >= t || p.clicksCaughtUp && now.UnixMilli() >= t
 }
 
 func (p *partition) shouldHold(cat *catalog.Catalog, pb *schemas.Postback, now time.Time) bool {
@@ -591,15 +594,20 @@ func (p *partition) expire(cat *catalog.Catalog, now time.Time) error {
 	if window <= 0 {
 		return nil // no offers (a config being edited?): keep everything
 	}
-	clock := p.lastPostbackTS
+	// Never later than the clock, as a rebuild reckons it
+	// (postbacksClock): one postback from an edge whose clock runs days
+	// ahead must not expire the window.
+	clock := min(p.lastPostbackTS, now.UnixMilli())
 	if p.postbacksCaughtUp {
 		clock = now.UnixMilli()
 	}
-	if clock == 0 {
+	if clock <= 0 {
 		return nil
 	}
-	p.cut = minIDAt(time.UnixMilli(clock).Add(-keepFor(cat, p.grace)))
-	cut := []byte(p.cut)
+	// A cut never moves back (the postbacks falling behind again, say):
+	// the slots of the clicks below it are gone.
+	cut := max(minIDAt(time.UnixMilli(clock).Add(-keepFor(cat, p.grace))), p.cut)
+	p.setCut(cut)
 	b := p.db.NewBatch()
 	defer b.Close()
 
@@ -630,11 +638,20 @@ func (p *partition) expire(cat *catalog.Catalog, now time.Time) error {
 			return err
 		}
 	}
+	// With the cut, in the same batch: a restart must not store again a
+	// click whose slots this pass drops.
+	if err := b.Set(metaKey(p.id), p.meta.append(nil), nil); err != nil {
+		return err
+	}
 	if err := b.Commit(pebble.NoSync); err != nil {
 		return fmt.Errorf("cannot expire partition %d: %w", p.id, err)
 	}
 	return nil
 }
+
+// setCut sets the partition's cut, and the copy in its offsets record
+// that the next write of that record stores.
+func (p *partition) setCut(cut string) { p.cut, p.meta.Cut = cut, cut }
 
 // batchSlots reads slots through a batch, so a decision sees the ones
 // saved earlier in the same batch. Decide cannot return an error; the

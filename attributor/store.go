@@ -193,6 +193,10 @@ type meta struct {
 	// the local state is stale and must be rebuilt.
 	AttemptClicks, AttemptPostbacks     int64
 	ConfirmedClicks, ConfirmedPostbacks int64
+	// Cut is the partition's cut (see partition.cut), kept so that a
+	// restart does not store again a click whose slots were dropped. Empty
+	// in a store written before it was kept.
+	Cut string
 }
 
 func (m *meta) append(dst []byte) []byte {
@@ -200,13 +204,16 @@ func (m *meta) append(dst []byte) []byte {
 		m.AttemptClicks, m.AttemptPostbacks, m.ConfirmedClicks, m.ConfirmedPostbacks} {
 		dst = binary.AppendVarint(dst, v)
 	}
-	return dst
+	return appendString(dst, m.Cut)
 }
 
 func decodeMeta(b []byte) (meta, error) {
 	d := decoder{b: b}
 	m := meta{ClicksNext: d.varint(), PostbacksNext: d.varint(), OutboxSeq: uint64(d.varint()),
 		AttemptClicks: d.varint(), AttemptPostbacks: d.varint(), ConfirmedClicks: d.varint(), ConfirmedPostbacks: d.varint()}
+	if len(d.b) > 0 {
+		m.Cut = d.str()
+	}
 	return m, d.err
 }
 

@@ -523,12 +523,12 @@ func (w *worker) rebuild(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	p.cut = minIDAt(since)
 	p.meta = meta{
 		ClicksNext: clicksStart, PostbacksNext: postbacksStart,
 		AttemptClicks: w.groupClicks, AttemptPostbacks: w.groupPostbacks,
 		ConfirmedClicks: w.groupClicks, ConfirmedPostbacks: w.groupPostbacks,
 	}
+	p.setCut(minIDAt(since))
 	if err := a.db.Set(metaKey(w.id), p.meta.append(nil), pebble.Sync); err != nil {
 		return storeErr(fmt.Errorf("cannot store offsets of partition %d: %w", w.id, err))
 	}
@@ -538,8 +538,13 @@ func (w *worker) rebuild(ctx context.Context) error {
 }
 
 // restoreSince is where a rebuild's state begins: keepFor before clock,
-// the postbacks' time at the partition's position (postbacksClock).
+// the postbacks' time at the partition's position (postbacksClock). With
+// no offers (a config being edited?) that is unknown, and expire keeps
+// everything then: so does a rebuild, from the start of the topics.
 func restoreSince(cat *catalog.Catalog, grace time.Duration, clock time.Time) time.Time {
+	if cat.MaxAttributionWindow() <= 0 {
+		return time.UnixMilli(0)
+	}
 	return clock.Add(-keepFor(cat, grace))
 }
 
