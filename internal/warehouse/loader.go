@@ -268,6 +268,7 @@ type batch struct {
 
 	// Flushing progress, so that a retry redoes only what failed.
 	inserted, deadLettered bool
+	shrunk                 bool // deadLetters lost their values (bus.ShrinkDeadLetter)
 }
 
 func (b *batch) records() int { return len(b.rows) + len(b.deadLetters) }
@@ -392,6 +393,9 @@ type loader struct {
 	stateMu    sync.Mutex
 	pingErr    error
 	insertErrs map[string]error // by table
+	// flushErrs holds, by table, why its batch's dead letters or offset
+	// commit keep failing: its records stay unloaded behind it meanwhile.
+	flushErrs map[string]error
 }
 
 // RunLoader consumes the clicks, conversions and deliveries topics in
@@ -452,6 +456,7 @@ func RunLoader(ctx context.Context, cfg LoaderConfig) error {
 		log:        log,
 		m:          newLoaderMetrics(cfg.Registry),
 		insertErrs: make(map[string]error),
+		flushErrs:  make(map[string]error),
 	}
 	if cfg.Health != nil {
 		cfg.Health.Register("loader", l.ready)
@@ -669,6 +674,11 @@ func (l *loader) flush(ctx context.Context, t *loaderTable, b *batch) {
 	wait := 100 * time.Millisecond
 	for {
 		err := l.flushOnce(ctx, t, b)
+		if ctx.Err() == nil && (b.inserted || len(b.rows) == 0) {
+			// Past the insert (whose failures setInsertErr reports): the
+			// dead letters or the commit.
+			l.setFlushErr(t.name, err)
+		}
 		if err == nil {
 			return
 		}
@@ -705,6 +715,17 @@ func (l *loader) flushOnce(ctx context.Context, t *loaderTable, b *batch) error 
 	}
 	if len(b.deadLetters) > 0 && !b.deadLettered {
 		if err := l.dlq.WriteMessages(ctx, b.deadLetters...); err != nil {
+			if bus.TooLarge(err) && !b.shrunk {
+				// A topic whose record size limit is below
+				// bus.MaxDeadLetterBytes: send them without their values
+				// rather than never.
+				l.log.Warn("dead letters too large for Kafka; sending them without the records' values",
+					"table", t.name, "records", len(b.deadLetters), "err", err)
+				for i := range b.deadLetters {
+					b.deadLetters[i] = bus.ShrinkDeadLetter(b.deadLetters[i])
+				}
+				b.shrunk = true
+			}
 			return fmt.Errorf("cannot write %d records to %s: %w", len(b.deadLetters), bus.TopicDLQ, err)
 		}
 		l.m.deadLetters.WithLabelValues(t.topic).Add(float64(len(b.deadLetters)))
@@ -765,6 +786,12 @@ func (l *loader) setInsertErr(table string, err error) {
 	l.stateMu.Unlock()
 }
 
+func (l *loader) setFlushErr(table string, err error) {
+	l.stateMu.Lock()
+	l.flushErrs[table] = err
+	l.stateMu.Unlock()
+}
+
 // ready is the loader's readiness check.
 func (l *loader) ready() error {
 	l.stateMu.Lock()
@@ -775,6 +802,11 @@ func (l *loader) ready() error {
 	for _, t := range loaderTables {
 		if err := l.insertErrs[t.name]; err != nil {
 			return fmt.Errorf("clickhouse inserts failing: %w", err)
+		}
+	}
+	for _, t := range loaderTables {
+		if err := l.flushErrs[t.name]; err != nil {
+			return fmt.Errorf("a batch of %s is inserted but cannot be finished, so loading %s waits: %w", t.name, t.name, err)
 		}
 	}
 	return nil
