@@ -321,6 +321,9 @@ func TestRejections(t *testing.T) {
 	click("offer_id=1&aff_id=7&sub3="+long, 400, "sub3: longer than 500 bytes")
 	click("offer_id=1&aff_id=7&aff_sub5="+long, 400, "aff_sub5: longer than 500 bytes")
 	click("offer_id=1&aff_id=7&source="+long, 400, "source: longer than 500 bytes")
+	// Not UTF-8 (Latin-1 "été"): recorded, it could only be changed.
+	click("offer_id=1&aff_id=7&sub1=%E9t%E9", 400, `sub1: must be UTF-8 text (percent-encode its UTF-8 bytes), got "\xe9t\xe9"`)
+	click("offer_id=1&aff_id=7&source=%FF", 400, "source: must be UTF-8 text")
 	if r := get(t, te.url+"/click?offer_id=1&aff_id=7&sub1="+strings.Repeat("x", 500)); r.code != 302 {
 		t.Fatalf("a sub of exactly 500 bytes: %d %q, want 302", r.code, r.body)
 	}
@@ -353,6 +356,10 @@ func TestRejections(t *testing.T) {
 	pb("GET", "/postback", "amount=1&click_id="+id+"&status=paid"+tok, "", "", 400, "status", `must be approved, pending or rejected, got "paid"`)
 	pb("GET", "/postback", "amount=1&click_id="+id+"&goal_id="+long+tok, "", "", 400, "goal_id", "longer than 500 bytes")
 	pb("GET", "/postback", "amount=1&click_id="+id+"&order_id="+long+tok, "", "", 400, "order_id", "longer than 500 bytes")
+	// Two Latin-1 order IDs would be recorded as one txn_id, the second
+	// sale then a duplicate.
+	pb("GET", "/postback", "amount=1&click_id="+id+"&txn_id=order-%E9"+tok, "", "", 400, "txn_id", `must be UTF-8 text (percent-encode its UTF-8 bytes), got "order-\xe9"`)
+	pb("GET", "/postback", "amount=1&click_id="+id+"&goal=%C3"+tok, "", "", 400, "goal", "must be UTF-8 text")
 	pb("GET", "/aff_goal", "goal_id=sale&transaction_id="+id+tok, "", "", 400, "a", "must be lsr")
 	pb("GET", "/aff_goal", "a=lsr&transaction_id="+id+tok, "", "", 400, "goal_id", "missing")
 	pb("GET", "/postback", "amount=1&click_id="+id, "", "", 403, "token", "missing; send token (or security_token, verification_token)")

@@ -6,7 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-	"unicode/utf8"
 
 	"github.com/valyala/fasthttp"
 
@@ -88,7 +87,8 @@ func FuzzParsePostback(f *testing.F) {
 		if a, err := schemas.ParseAmount(p.Amount); err != nil || a != req.amount {
 			t.Fatalf("amount %q in the record, %v parsed", p.Amount, req.amount)
 		}
-		if utf8.Valid(req.goal) && p.Goal != string(req.goal) || utf8.Valid(req.txnID) && p.TxnID != string(req.txnID) {
+		// Recorded exactly as sent: what cannot be is refused.
+		if p.Goal != string(req.goal) || p.TxnID != string(req.txnID) {
 			t.Fatalf("goal %q / txn_id %q became %q / %q", req.goal, req.txnID, p.Goal, p.TxnID)
 		}
 	})
@@ -142,6 +142,11 @@ func FuzzParseClick(f *testing.F) {
 		}
 		if c.ClickID != string(ev.key) || c.TS != now.UnixMilli() || c.OfferID != req.offerID || c.AffID != req.affID || c.IP != "192.0.2.1" {
 			t.Fatalf("record %+v from %+v", c, req)
+		}
+		// Recorded exactly as sent: what cannot be is refused.
+		if got := [...]string{c.Sub1, c.Sub2, c.Sub3, c.Sub4, c.Sub5, c.Source}; got != [...]string{string(req.sub[0]),
+			string(req.sub[1]), string(req.sub[2]), string(req.sub[3]), string(req.sub[4]), string(req.source)} {
+			t.Fatalf("subs and source %q recorded as %q", append(req.sub[:], req.source), got)
 		}
 		// The redirect is one URL whose parameters carry exactly what was
 		// sent: no value can break out of its macro.

@@ -3,6 +3,7 @@ package ingest
 import (
 	"bytes"
 	"strconv"
+	"unicode/utf8"
 	"unsafe"
 
 	"github.com/valyala/fasthttp"
@@ -66,14 +67,14 @@ func parseClick(args *fasthttp.Args, hasOffers bool, maxLen int) (clickRequest, 
 			name = other[i]
 			v = args.Peek(name)
 		}
-		if len(v) > maxLen {
-			return c, tooLong(name, maxLen)
+		if err := checkText(name, v, maxLen); err != nil {
+			return c, err
 		}
 		c.sub[i] = v
 	}
 	c.source = args.Peek("source")
-	if len(c.source) > maxLen {
-		return c, tooLong("source", maxLen)
+	if err := checkText("source", c.source, maxLen); err != nil {
+		return c, err
 	}
 	return c, nil
 }
@@ -85,8 +86,18 @@ func badID(field string, v []byte) *requestError {
 	return badRequest(field, "must be a positive integer, got "+quoteShort(v))
 }
 
-func tooLong(field string, maxLen int) *requestError {
-	return badRequest(field, "longer than "+strconv.Itoa(maxLen)+" bytes")
+// checkText refuses a text parameter longer than maxLen bytes, or that is
+// not UTF-8: events are JSON, so its bytes could only be recorded changed
+// (two order IDs in Latin-1 would become one txn_id, a sub would be
+// echoed back to the affiliate other than it was sent).
+func checkText(field string, v []byte, maxLen int) *requestError {
+	if len(v) > maxLen {
+		return badRequest(field, "longer than "+strconv.Itoa(maxLen)+" bytes")
+	}
+	if !utf8.Valid(v) {
+		return badRequest(field, "must be UTF-8 text (percent-encode its UTF-8 bytes), got "+quoteShort(v))
+	}
+	return nil
 }
 
 // parseID parses a catalog ID: 1 to 4294967295, decimal digits only.
@@ -175,8 +186,8 @@ func parsePostback(query, form *fasthttp.Args, goalRoute bool, maxLen int) (post
 	}
 
 	p.goal, name = lookup(form, query, goalNames)
-	if len(p.goal) > maxLen {
-		return p, tooLong(name, maxLen)
+	if err := checkText(name, p.goal, maxLen); err != nil {
+		return p, err
 	}
 	if goalRoute && len(p.goal) == 0 {
 		return p, badRequest("goal_id", "missing; /aff_goal needs the goal")
@@ -208,8 +219,8 @@ func parsePostback(query, form *fasthttp.Args, goalRoute bool, maxLen int) (post
 	}
 
 	p.txnID, name = lookup(form, query, txnIDNames)
-	if len(p.txnID) > maxLen {
-		return p, tooLong(name, maxLen)
+	if err := checkText(name, p.txnID, maxLen); err != nil {
+		return p, err
 	}
 
 	p.status = schemas.StatusApproved
