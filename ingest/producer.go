@@ -215,7 +215,12 @@ func (p *producer) send(ev *event) error {
 
 func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
 	if p.spool.active.Load() {
-		return p.toSpool(ev, start)
+		// While the drainer hands over, wait for it (up to the produce
+		// timeout): then produce directly, as it left the spool empty.
+		res, err := p.spoolAt(ev, start, start.Add(p.timeout))
+		if !errors.Is(err, errHandedOver) {
+			return res, err
+		}
 	}
 	ev.state.Store(stateQueued)
 	ev.refs.Add(1) // Kafka's hold
@@ -263,8 +268,17 @@ func (p *producer) logKafkaError(err error) {
 }
 
 func (p *producer) toSpool(ev *event, now time.Time) (produceResult, error) {
+	return p.spoolAt(ev, now, time.Time{})
+}
+
+// spoolAt is toSpool, waiting for a handover until deadline (see
+// spool.appendWaiting); errHandedOver when the event is to go to Kafka.
+func (p *producer) spoolAt(ev *event, now, deadline time.Time) (produceResult, error) {
 	wasActive := p.spool.active.Load()
-	if err := p.spool.append(ev.topic, ev.key, ev.value, now); err != nil {
+	if err := p.spool.appendWaiting(ev.topic, ev.key, ev.value, now, deadline); err != nil {
+		if errors.Is(err, errHandedOver) {
+			return resultFailed, err
+		}
 		p.m.spoolErrors.Inc()
 		if p.spoolErrorLog.Allow() {
 			p.log.Error("cannot spool an event; answering 503", "topic", topicNames[ev.topic], "err", err)
@@ -307,6 +321,7 @@ func (p *producer) drain() {
 		}
 		evs, err := p.spool.read(batch, batchBytes)
 		if err != nil {
+			p.spool.endHandover()
 			p.log.Error("cannot read the spool", "err", err)
 			if !p.sleep(time.Second, nil) {
 				return
@@ -324,12 +339,24 @@ func (p *producer) drain() {
 				drained = 0
 				continue
 			}
-			// Appends are under way: wait for one to finish (it nudges)
-			// rather than read the spool again and again meanwhile.
+			// Appends are under way (and no new one starts: a handover
+			// began): wait for one to finish (it nudges) rather than read
+			// the spool again and again meanwhile.
 			if !p.sleep(10*time.Millisecond, p.spool.wake) {
 				return
 			}
 			continue
+		}
+		size := 0
+		for _, ev := range evs {
+			size += len(ev.key) + len(ev.value)
+		}
+		if len(evs) < batch && size < batchBytes {
+			// Caught up: the events appended from now on wait until these
+			// and those under way are drained, then go to Kafka directly.
+			// (Under load some append is always under way, so waiting for
+			// a moment without one could last as long as the load.)
+			p.spool.beginHandover()
 		}
 		acked, err := p.produceSpooled(evs)
 		if rerr := p.spool.remove(acked); rerr != nil {
@@ -340,6 +367,7 @@ func (p *producer) drain() {
 		}
 		drained += len(acked)
 		if err != nil {
+			p.spool.endHandover() // the waiting events are spooled after all
 			if p.ctx.Err() != nil {
 				return
 			}

@@ -19,6 +19,10 @@ import (
 // Once anything is spooled the spool is active, and stays active until the
 // drainer has emptied it: while active, the edge sends every new event here
 // rather than to Kafka, so no event overtakes one answered before it.
+//
+// A busy edge always has some append under way, so the drainer, once it
+// has caught up, hands over: new events wait (see appendWaiting) while it
+// drains the last ones appended, and then go to Kafka directly.
 type spool struct {
 	db       *pebble.DB
 	dir      string
@@ -29,7 +33,13 @@ type spool struct {
 	// is between taking its number and being written.
 	mu        sync.Mutex
 	next      uint64
-	appending int
+	appending map[uint64]struct{} // sequence numbers taken and not yet written
+	// floor is a sequence number no stored event is below, nor any to
+	// come: reads start there, rather than step over the deletions of
+	// every event drained since Pebble last compacted them away.
+	floor    uint64
+	handover bool          // new appends wait for gate
+	gate     chan struct{} // closed when the handover ends
 
 	active   atomic.Bool
 	count    atomic.Int64
@@ -62,7 +72,7 @@ func openSpool(dir string, maxBytes int64, log *slog.Logger) (*spool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cannot open edge spool %q: %w", dir, err)
 	}
-	s := &spool{db: db, dir: dir, maxBytes: maxBytes, wake: make(chan struct{}, 1)}
+	s := &spool{db: db, dir: dir, maxBytes: maxBytes, wake: make(chan struct{}, 1), appending: map[uint64]struct{}{}}
 	s.bufs.New = func() any { b := make([]byte, 0, 1024); return &b }
 
 	// Recount what a previous run left behind.
@@ -86,6 +96,7 @@ func openSpool(dir string, maxBytes int64, log *slog.Logger) (*spool, error) {
 		}
 		if s.count.Load() == 0 {
 			s.oldestMS.Store(ev.at)
+			s.floor = ev.seq
 		}
 		s.count.Add(1)
 		s.bytes.Add(ev.size)
@@ -102,15 +113,45 @@ func openSpool(dir string, maxBytes int64, log *slog.Logger) (*spool, error) {
 // append stores one event durably (synced to disk before it returns) and
 // makes the spool active.
 func (s *spool) append(topic topicID, key, value []byte, now time.Time) error {
+	return s.appendWaiting(topic, key, value, now, time.Time{})
+}
+
+// errHandedOver says that an event waited for a handover that ended with
+// the spool inactive: it goes to Kafka directly.
+var errHandedOver = errors.New("the spool handed over to Kafka")
+
+// appendWaiting is append for an event sent while the spool is active.
+// While the drainer hands over it waits, until deadline at most, and
+// returns errHandedOver when the spool is inactive by then; past the
+// deadline (Kafka slow again) it is appended anyway. A zero deadline
+// waits for nothing.
+func (s *spool) appendWaiting(topic topicID, key, value []byte, now, deadline time.Time) error {
 	size := int64(len(key) + len(value) + 20)
 	if s.bytes.Load()+size > s.maxBytes {
 		return errSpoolFull
 	}
 	s.mu.Lock()
+	if s.handover && !deadline.IsZero() {
+		for s.handover && time.Now().Before(deadline) {
+			gate := s.gate
+			s.mu.Unlock()
+			t := time.NewTimer(time.Until(deadline))
+			select {
+			case <-gate:
+			case <-t.C:
+			}
+			t.Stop()
+			s.mu.Lock()
+		}
+		if !s.active.Load() {
+			s.mu.Unlock()
+			return errHandedOver
+		}
+	}
 	s.active.Store(true)
 	seq := s.next
 	s.next++
-	s.appending++
+	s.appending[seq] = struct{}{}
 	s.mu.Unlock()
 
 	bp := s.bufs.Get().(*[]byte)
@@ -128,7 +169,7 @@ func (s *spool) append(topic topicID, key, value []byte, now time.Time) error {
 	s.bufs.Put(bp)
 
 	s.mu.Lock()
-	s.appending--
+	delete(s.appending, seq)
 	if err == nil {
 		if s.count.Add(1) == 1 {
 			s.oldestMS.Store(now.UnixMilli())
@@ -150,16 +191,25 @@ func (s *spool) nudge() {
 	}
 }
 
-// read returns the oldest spooled events, oldest first: up to max of
+// read returns the oldest spooled events, oldest first: up to limit of
 // them, and no more once they hold maxBytes of keys and values.
-func (s *spool) read(max, maxBytes int) ([]spooledEvent, error) {
-	it, err := s.db.NewIter(nil)
+func (s *spool) read(limit, maxBytes int) ([]spooledEvent, error) {
+	// Any event not stored yet below the first one read is between taking
+	// its number and being written: its number is at least the smallest
+	// of those now, or than the next one.
+	s.mu.Lock()
+	from, floor := s.floor, s.next
+	for seq := range s.appending {
+		floor = min(floor, seq)
+	}
+	s.mu.Unlock()
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: seqKey(from)})
 	if err != nil {
 		return nil, fmt.Errorf("cannot read edge spool %q: %w", s.dir, err)
 	}
 	var out []spooledEvent
 	size := 0
-	for valid := it.First(); valid && len(out) < max && size < maxBytes; valid = it.Next() {
+	for valid := it.First(); valid && len(out) < limit && size < maxBytes; valid = it.Next() {
 		v, err := it.ValueAndErr()
 		if err != nil {
 			it.Close()
@@ -179,9 +229,15 @@ func (s *spool) read(max, maxBytes int) ([]spooledEvent, error) {
 	}
 	if len(out) > 0 {
 		s.oldestMS.Store(out[0].at)
+		floor = min(floor, out[0].seq)
 	}
+	s.mu.Lock()
+	s.floor = max(s.floor, floor)
+	s.mu.Unlock()
 	return out, nil
 }
+
+func seqKey(seq uint64) []byte { return binary.BigEndian.AppendUint64(nil, seq) }
 
 // remove deletes events Kafka has acknowledged. The delete is synced (one
 // sync per drained batch): Pebble keeps an unsynced write in memory until
@@ -215,7 +271,8 @@ func (s *spool) remove(evs []spooledEvent) error {
 }
 
 // deactivateIfEmpty makes the spool inactive when it holds nothing and no
-// append is under way, and reports whether it did.
+// append is under way, and reports whether it did. When appends are under
+// way it begins a handover, so that they are the last.
 //
 // It asks the store, not the counters: with no append under way, the store
 // holds all there is, and the counters are set to match. They can be off
@@ -225,10 +282,11 @@ func (s *spool) remove(evs []spooledEvent) error {
 func (s *spool) deactivateIfEmpty() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.appending != 0 {
+	if len(s.appending) != 0 {
+		s.beginHandoverLocked()
 		return false
 	}
-	it, err := s.db.NewIter(nil)
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: seqKey(s.floor)})
 	if err != nil {
 		return false
 	}
@@ -240,7 +298,39 @@ func (s *spool) deactivateIfEmpty() bool {
 	s.bytes.Store(0)
 	s.active.Store(false)
 	s.oldestMS.Store(0)
+	s.endHandoverLocked()
 	return true
+}
+
+// beginHandover holds new appends back (see appendWaiting) until
+// deactivateIfEmpty succeeds or endHandover is called: the drainer has
+// caught up, and only the events appended meanwhile stand between the
+// edge and producing directly.
+func (s *spool) beginHandover() {
+	s.mu.Lock()
+	s.beginHandoverLocked()
+	s.mu.Unlock()
+}
+
+func (s *spool) beginHandoverLocked() {
+	if !s.handover {
+		s.handover, s.gate = true, make(chan struct{})
+	}
+}
+
+// endHandover lets the appends waiting for a handover go on (Kafka failed
+// the drainer again, say).
+func (s *spool) endHandover() {
+	s.mu.Lock()
+	s.endHandoverLocked()
+	s.mu.Unlock()
+}
+
+func (s *spool) endHandoverLocked() {
+	if s.handover {
+		s.handover = false
+		close(s.gate)
+	}
 }
 
 // ageSeconds is how long the oldest stored event has waited.
