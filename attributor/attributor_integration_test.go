@@ -753,3 +753,82 @@ func (l *deadLetterLog) messages() []kafka.Message {
 	defer l.mu.Unlock()
 	return slices.Clone(l.msgs)
 }
+
+// A member that comes back to a partition another member had meanwhile
+// does not trust its state when the other decided postbacks there without
+// moving the group's offsets: here the other resolved a waiting postback
+// as unknown_click once its grace ran out, while an earlier one still
+// waited and held the commit back. (Before, the returning member found its
+// own offsets, trusted its state, in which that postback still waited,
+// and attributed it when its click came late: two different records of
+// the same conversion and version.)
+func TestReturningMemberSeesPostbacksAnotherDecided(t *testing.T) {
+	addr := testenv.KafkaTopics(t, testPartitions)
+	log := readConversions(t, addr)
+	now := time.Now()
+	sameKey := func(at time.Time, partition int) string {
+		for {
+			id := schemas.NewID(at)
+			if bus.PartitionFor([]byte(id), testPartitions) == partition {
+				return id
+			}
+		}
+	}
+	// h1 waits for x1 ten minutes; h2 for x2 until 4 s + grace from now.
+	x1 := sameKey(now.Add(10*time.Minute), 0)
+	x2 := schemas.Click{V: schemas.Version, ClickID: sameKey(now.Add(4*time.Second), 0), TS: now.Add(4 * time.Second).UnixMilli(),
+		OfferID: 1, AdvertiserID: 1, AffID: 7}
+	h1 := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: x1, TS: now.Add(10 * time.Minute).UnixMilli(), AdvertiserID: 1}
+	h2 := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: x2.ClickID, TS: now.Add(time.Minute).UnixMilli(), AdvertiserID: 1}
+	produce(t, addr, bus.TopicPostbacks, []kafka.Message{
+		{Key: []byte(x1), Value: h1.AppendJSON(nil), Time: now},
+		{Key: []byte(x2.ClickID), Value: h2.AppendJSON(nil), Time: now},
+	})
+	config := func(dir string) Config {
+		cfg := testConfig(t, addr, dir)
+		cfg.Grace = 3 * time.Second
+		return cfg
+	}
+
+	// A holds both, and stops before h2's grace runs out.
+	dirA := t.TempDir()
+	cfgA := config(dirA)
+	a := start(cfgA)
+	waitUntil(t, "A to hold both postbacks", 30*time.Second, func() bool {
+		return metricValue(t, cfgA.Registry, "trackstar_attributor_held_postbacks") == 2
+	})
+	time.Sleep(500 * time.Millisecond) // a commit or two
+	a.stop(t)
+
+	// B takes the partition over and decides h2 once its grace is over.
+	b := start(config(t.TempDir()))
+	decided := func() []schemas.Conversion {
+		var out []schemas.Conversion
+		for _, c := range log.snapshot() {
+			if c.PostbackEventID == h2.EventID {
+				out = append(out, c)
+			}
+		}
+		return out
+	}
+	waitUntil(t, "B to decide h2", 60*time.Second, func() bool { return len(decided()) > 0 })
+	b.stop(t)
+
+	// A comes back, and h2's click comes late.
+	cfgA = config(dirA)
+	a = start(cfgA)
+	produce(t, addr, bus.TopicClicks, clickMessages([]schemas.Click{x2}))
+	waitUntil(t, "A to answer h2 again", 60*time.Second, func() bool { return len(decided()) > 1 })
+	time.Sleep(time.Second)
+	a.stop(t)
+	first := decided()[0]
+	for _, c := range decided()[1:] {
+		if c != first {
+			t.Errorf("postback h2 answered %s/%s v%d, then %s/%s v%d (conversion %s): the returning member trusted stale state",
+				first.Status, first.RejectReason, first.Version, c.Status, c.RejectReason, c.Version, c.ConversionID)
+		}
+	}
+	if n := metricValue(t, cfgA.Registry, "trackstar_attributor_rebuilds_total"); n < 1 {
+		t.Errorf("A rebuilt %v partitions on its return, want partition 0 rebuilt", n)
+	}
+}

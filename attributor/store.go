@@ -197,6 +197,11 @@ type meta struct {
 	// restart does not store again a click whose slots were dropped. Empty
 	// in a store written before it was kept.
 	Cut string
+	// ConversionsEnd is the end of the partition's conversions when this
+	// member last looked, every record before it one this store holds the
+	// replay record of (see worker.outputIsOwn); -1 when unknown (a store
+	// written before it was kept).
+	ConversionsEnd int64
 }
 
 func (m *meta) append(dst []byte) []byte {
@@ -204,15 +209,20 @@ func (m *meta) append(dst []byte) []byte {
 		m.AttemptClicks, m.AttemptPostbacks, m.ConfirmedClicks, m.ConfirmedPostbacks} {
 		dst = binary.AppendVarint(dst, v)
 	}
-	return appendString(dst, m.Cut)
+	dst = appendString(dst, m.Cut)
+	return binary.AppendVarint(dst, m.ConversionsEnd)
 }
 
 func decodeMeta(b []byte) (meta, error) {
 	d := decoder{b: b}
 	m := meta{ClicksNext: d.varint(), PostbacksNext: d.varint(), OutboxSeq: uint64(d.varint()),
 		AttemptClicks: d.varint(), AttemptPostbacks: d.varint(), ConfirmedClicks: d.varint(), ConfirmedPostbacks: d.varint()}
+	m.ConversionsEnd = -1
 	if len(d.b) > 0 {
 		m.Cut = d.str()
+	}
+	if len(d.b) > 0 {
+		m.ConversionsEnd = d.varint()
 	}
 	return m, d.err
 }

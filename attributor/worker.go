@@ -1,6 +1,7 @@
 package attributor
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -139,6 +140,20 @@ func (w *worker) run(ctx context.Context) error {
 		return storeErr(err)
 	}
 	valid := hasState && w.offsetsMatch()
+	if valid {
+		// The offsets are this store's, yet another member may have had
+		// the partition meanwhile and decided postbacks without moving
+		// them (a waiting postback whose grace ran out, while an earlier
+		// one still waits): then its conversions topic says so.
+		own, err := w.outputIsOwn(ctx)
+		if err != nil {
+			return err
+		}
+		if !own {
+			log.Info("local state is stale (another member decided postbacks of the partition since)")
+			valid = false
+		}
+	}
 	if !valid {
 		if hasState {
 			log.Info("local state is stale (another member processed the partition since); rebuilding",
@@ -457,6 +472,7 @@ func (w *worker) commitGroup() error {
 		return nil
 	}
 	p.meta.AttemptClicks, p.meta.AttemptPostbacks = clicks, postbacks
+	w.noteConversionsEnd()
 	if err := w.a.db.Set(metaKey(w.id), p.meta.append(nil), pebble.Sync); err != nil {
 		return storeErr(fmt.Errorf("cannot store offsets of partition %d: %w", w.id, err))
 	}
@@ -479,7 +495,122 @@ func (w *worker) shutdown() error {
 		return err
 	}
 	// Record the confirmation too, so a restart finds its own offsets.
+	w.noteConversionsEnd()
 	return storeErr(w.a.db.Set(metaKey(w.id), w.p.meta.append(nil), pebble.Sync))
+}
+
+// noteConversionsEnd sets meta.ConversionsEnd to the end of the
+// partition's conversions, for the next write of the meta record: every
+// conversion before it was sent by this member (its replay records
+// written, synced with that record) or restored into its store. Left as
+// it was when the broker does not answer: outputIsOwn then reads a little
+// more.
+func (w *worker) noteConversionsEnd() {
+	if w.p.meta.ConversionsEnd < 0 {
+		return // not known from the start (see restoreConversions)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if end, err := w.lastOffset(ctx, bus.TopicConversions); err == nil {
+		w.p.meta.ConversionsEnd = end
+	}
+}
+
+// conversionsLikeClicks reports whether the conversions topic has as many
+// partitions as the clicks: then partition p of the conversions holds
+// exactly the conversions of partition p's clicks. It logs when not.
+func (w *worker) conversionsLikeClicks(ctx context.Context) (bool, error) {
+	md, err := w.a.client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{bus.TopicClicks, bus.TopicConversions}})
+	if err != nil {
+		return false, fmt.Errorf("cannot read topic metadata: %w", err)
+	}
+	counts := map[string]int{}
+	for _, t := range md.Topics {
+		counts[t.Name] = len(t.Partitions)
+	}
+	if counts[bus.TopicConversions] != counts[bus.TopicClicks] {
+		w.a.log.Error("the conversions topic has another partition count than clicks: "+
+			"deduplication and status updates will not see conversions decided before a partition moved, "+
+			"nor can a member tell that another decided postbacks of a partition it returns to",
+			"partition", w.id, "clicks_partitions", counts[bus.TopicClicks], "conversions_partitions", counts[bus.TopicConversions])
+		return false, nil
+	}
+	return true, nil
+}
+
+// maxOwnCheck bounds the conversions outputIsOwn reads: more than that
+// since this member last looked, and a rebuild is cheaper than the check.
+const maxOwnCheck = 200_000
+
+// outputIsOwn reports whether every conversion written to the partition
+// since meta.ConversionsEnd is one this store emitted, byte for byte (its
+// replay record, under the postback's event ID): records this member sent
+// before a crash took its next meta write are; one another member decided
+// while it had the partition is not. A store that does not know where it
+// last looked (-1: written before it kept that) is trusted, as it was
+// then, and notes it from now on.
+func (w *worker) outputIsOwn(ctx context.Context) (bool, error) {
+	from := w.p.meta.ConversionsEnd
+	if from < 0 {
+		if alike, err := w.conversionsLikeClicks(ctx); err == nil && alike {
+			if end, err := w.lastOffset(ctx, bus.TopicConversions); err == nil {
+				w.p.meta.ConversionsEnd = end
+			}
+		}
+		return true, nil
+	}
+	end, err := w.lastOffset(ctx, bus.TopicConversions)
+	if err != nil {
+		return false, err
+	}
+	if end == from {
+		return true, nil
+	}
+	if end < from || end-from > maxOwnCheck {
+		return false, nil // the topic was created again; or too much to check
+	}
+	first, err := w.listOffset(ctx, bus.TopicConversions, kafka.FirstOffsetOf(w.id))
+	if err != nil {
+		return false, err
+	}
+	if first > from {
+		return false, nil // some are gone: cannot tell
+	}
+	r := kafka.NewReader(kafka.ReaderConfig{
+		Brokers: w.a.cfg.Brokers, Topic: bus.TopicConversions, Partition: w.id,
+		MinBytes: 1, MaxBytes: 8 << 20, MaxWait: 500 * time.Millisecond, ReadLagInterval: -1,
+	})
+	defer r.Close()
+	if err := r.SetOffset(from); err != nil {
+		return false, fmt.Errorf("cannot seek %s/%d: %w", bus.TopicConversions, w.id, err)
+	}
+	var key []byte
+	for next := from; next < end; {
+		m, err := r.FetchMessage(ctx)
+		if err != nil {
+			return false, fmt.Errorf("cannot read %s/%d: %w", bus.TopicConversions, w.id, err)
+		}
+		next = m.Offset + 1
+		c, err := schemas.DecodeConversion(m.Value)
+		if err != nil {
+			return false, nil
+		}
+		key = eventKey(key[:0], w.id, c.PostbackEventID)
+		v, closer, err := w.a.db.Get(key)
+		if errors.Is(err, pebble.ErrNotFound) {
+			return false, nil
+		}
+		if err != nil {
+			return false, storeErr(err)
+		}
+		k, value, err := splitRecord(v)
+		same := err == nil && bytes.Equal(k, m.Key) && bytes.Equal(value, m.Value)
+		closer.Close()
+		if !same {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // rebuild builds the state of a partition gained without (current) local
@@ -519,7 +650,7 @@ func (w *worker) rebuild(ctx context.Context) error {
 			return err
 		}
 	}
-	n, err := w.restoreConversions(ctx, since)
+	n, convEnd, err := w.restoreConversions(ctx, since)
 	if err != nil {
 		return err
 	}
@@ -527,6 +658,7 @@ func (w *worker) rebuild(ctx context.Context) error {
 		ClicksNext: clicksStart, PostbacksNext: postbacksStart,
 		AttemptClicks: w.groupClicks, AttemptPostbacks: w.groupPostbacks,
 		ConfirmedClicks: w.groupClicks, ConfirmedPostbacks: w.groupPostbacks,
+		ConversionsEnd: convEnd,
 	}
 	p.setCut(minIDAt(since))
 	if err := a.db.Set(metaKey(w.id), p.meta.append(nil), pebble.Sync); err != nil {
@@ -591,29 +723,20 @@ func (w *worker) postbacksClock(ctx context.Context, next int64, now time.Time) 
 // window's beginning back into the store. Conversions are keyed by click
 // ID like clicks and postbacks, so partition p of the conversions topic
 // holds exactly those of partition p's clicks, when the counts are equal.
-func (w *worker) restoreConversions(ctx context.Context, since time.Time) (int, error) {
+// end is where the partition ended, every record before it restored (or
+// older than the window); -1 when the counts differ.
+func (w *worker) restoreConversions(ctx context.Context, since time.Time) (n int, end int64, err error) {
 	a, p := w.a, w.p
-	md, err := a.client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{bus.TopicClicks, bus.TopicConversions}})
+	if alike, err := w.conversionsLikeClicks(ctx); err != nil || !alike {
+		return 0, -1, err
+	}
+	end, err = w.lastOffset(ctx, bus.TopicConversions)
 	if err != nil {
-		return 0, fmt.Errorf("cannot read topic metadata: %w", err)
-	}
-	counts := map[string]int{}
-	for _, t := range md.Topics {
-		counts[t.Name] = len(t.Partitions)
-	}
-	if counts[bus.TopicConversions] != counts[bus.TopicClicks] {
-		a.log.Error("cannot restore earlier conversions: the conversions topic has another partition count than clicks; "+
-			"deduplication and status updates will not see conversions decided before this partition moved",
-			"partition", w.id, "clicks_partitions", counts[bus.TopicClicks], "conversions_partitions", counts[bus.TopicConversions])
-		return 0, nil
-	}
-	end, err := w.lastOffset(ctx, bus.TopicConversions)
-	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	start, err := w.offsetAt(ctx, bus.TopicConversions, since)
 	if err != nil || start >= end {
-		return 0, err
+		return 0, end, err
 	}
 	r := kafka.NewReader(kafka.ReaderConfig{
 		Brokers: a.cfg.Brokers, Topic: bus.TopicConversions, Partition: w.id,
@@ -621,32 +744,31 @@ func (w *worker) restoreConversions(ctx context.Context, since time.Time) (int, 
 	})
 	defer r.Close()
 	if err := r.SetOffset(start); err != nil {
-		return 0, fmt.Errorf("cannot seek %s/%d: %w", bus.TopicConversions, w.id, err)
+		return 0, 0, fmt.Errorf("cannot seek %s/%d: %w", bus.TopicConversions, w.id, err)
 	}
 	cat := a.cfg.Catalog.Current()
 	wk := p.begin()
 	defer func() { wk.b.Close() }()
-	n := 0
 	for next := start; next < end; {
 		m, err := r.FetchMessage(ctx)
 		if err != nil {
-			return n, fmt.Errorf("cannot read %s/%d: %w", bus.TopicConversions, w.id, err)
+			return n, 0, fmt.Errorf("cannot read %s/%d: %w", bus.TopicConversions, w.id, err)
 		}
 		next = m.Offset + 1
 		if err := p.restore(wk, cat, m.Value, since); err != nil {
-			return n, storeErr(err)
+			return n, 0, storeErr(err)
 		}
 		n++
 		a.m.restored.Inc()
 		if wk.b.Len() > 4<<20 {
 			if err := wk.b.Commit(pebble.NoSync); err != nil {
-				return n, storeErr(err)
+				return n, 0, storeErr(err)
 			}
 			wk.b.Close()
 			wk = p.begin()
 		}
 	}
-	return n, storeErr(wk.b.Commit(pebble.NoSync))
+	return n, end, storeErr(wk.b.Commit(pebble.NoSync))
 }
 
 // lastOffset returns the high watermark of the topic's partition.
