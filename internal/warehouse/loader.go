@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
@@ -387,8 +388,9 @@ type loader struct {
 	reader *kafka.Reader
 	dlq    *kafka.Writer
 
-	connMu sync.Mutex
-	conn   driver.Conn // opened on first use, so that ClickHouse may come up after the loader
+	connMu   sync.Mutex
+	conn     driver.Conn         // opened on first use, so that ClickHouse may come up after the loader
+	settings clickhouse.Settings // of every insert (insertSettings)
 
 	stateMu    sync.Mutex
 	pingErr    error
@@ -743,7 +745,27 @@ func (l *loader) insertRows(ctx context.Context, t *loaderTable, rows [][]any) e
 	if err != nil {
 		return err
 	}
+	if len(l.settings) > 0 {
+		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(l.settings))
+	}
 	return sendRows(ctx, conn, l.cfg.Database, t, rows)
+}
+
+// insertSettings returns the settings of the loader's inserts into the
+// server at conn. Current releases refuse an insert that touches more than
+// 100 partitions (months) of a table unless max_partitions_per_insert_block
+// lifts it, and a batch spanning years (a backfill of old events) would be
+// retried forever; 18.16 has no such limit, and refuses settings it does
+// not know.
+func insertSettings(ctx context.Context, conn driver.Conn) (clickhouse.Settings, error) {
+	var n uint64
+	if err := conn.QueryRow(ctx, "SELECT count() FROM system.settings WHERE name = 'max_partitions_per_insert_block'").Scan(&n); err != nil {
+		return nil, fmt.Errorf("cannot read the server's settings: %w", err)
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	return clickhouse.Settings{"max_partitions_per_insert_block": 0}, nil
 }
 
 // clickHouse returns the connection pool, opening it on first use. The
@@ -756,7 +778,12 @@ func (l *loader) clickHouse(ctx context.Context) (driver.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		l.conn = conn
+		settings, err := insertSettings(ctx, conn)
+		if err != nil {
+			_ = conn.Close()
+			return nil, err
+		}
+		l.conn, l.settings = conn, settings
 	}
 	return l.conn, nil
 }

@@ -142,3 +142,32 @@ func TestDeadLettersRefusedAreReportedAndShrunk(t *testing.T) {
 		t.Errorf("dead letter: key %q, offset %d, value %d bytes, error %q; want it without its value, saying so", m.Key, dl.Offset, len(dl.Value), dl.Error)
 	}
 }
+
+// A batch of clicks spanning more than 100 months (a backfill of old
+// events) loads. Current ClickHouse releases refuse an insert touching
+// more than 100 partitions unless max_partitions_per_insert_block lifts
+// it, which the loader sets where the server knows it (18.16 does not,
+// and has no such limit); without it the batch was retried forever.
+func TestBatchSpanningYearsLoads(t *testing.T) {
+	broker := testenv.KafkaTopics(t, 1)
+	chAddr, db := testenv.ClickHouseDB(t)
+	conn := migratedDB(t, chAddr, db)
+	var msgs []kafka.Message
+	for i := range 101 {
+		at := time.Date(2000, time.January, 1, 0, 0, 0, 0, time.UTC).AddDate(0, i, 0)
+		c := schemas.Click{ClickID: schemas.NewID(at), TS: at.UnixMilli(), OfferID: 1, AffID: 7}
+		msgs = append(msgs, kafka.Message{Key: []byte(c.ClickID), Value: c.AppendJSON(nil)})
+	}
+	produce(t, broker, bus.TopicClicks, msgs)
+	startLoader(t, LoaderConfig{Brokers: []string{broker}, ClickHouse: chAddr, Database: db, Group: "loader-years",
+		FlushInterval: 200 * time.Millisecond, MaxRetryWait: 200 * time.Millisecond})
+	allCommitted(t, broker, "loader-years")
+	if n := queryUint64(t, conn, "SELECT count() FROM "+db+".clicks FINAL"); n != 101 {
+		t.Fatalf("clicks holds %d rows, want 101", n)
+	}
+	settings, err := insertSettings(context.Background(), conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("insert settings on this server: %v", settings)
+}
