@@ -361,9 +361,12 @@ func (p *producer) drain() {
 		acked, err := p.produceSpooled(evs)
 		if rerr := p.spool.remove(acked); rerr != nil {
 			p.log.Error("cannot delete drained events from the spool; they will be produced again", "err", rerr)
-		}
-		for _, ev := range acked {
-			p.m.drained[ev.topic].Inc()
+		} else {
+			// Counted once they leave the spool: one left behind is
+			// produced, and counted, again.
+			for _, ev := range acked {
+				p.m.drained[ev.topic].Inc()
+			}
 		}
 		drained += len(acked)
 		if err != nil {
