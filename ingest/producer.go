@@ -215,9 +215,11 @@ func (p *producer) send(ev *event) error {
 
 func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
 	if p.spool.active.Load() {
-		// While the drainer hands over, wait for it (up to the produce
-		// timeout): then produce directly, as it left the spool empty.
-		res, err := p.spoolAt(ev, start, start.Add(p.timeout))
+		// While the drainer hands over, wait for it: then produce
+		// directly, as it left the spool empty. A healthy broker lets it
+		// finish in milliseconds; past handoverWait (a slow one) the
+		// event is spooled, as it would have been.
+		res, err := p.spoolAt(ev, start, start.Add(min(p.timeout, handoverWait)))
 		if !errors.Is(err, errHandedOver) {
 			return res, err
 		}
@@ -266,6 +268,10 @@ func (p *producer) logKafkaError(err error) {
 		p.log.Warn("Kafka did not take an event; spooling", "err", err)
 	}
 }
+
+// handoverWait bounds how long an event sent while the spool is active
+// waits for a handover (see spool.appendWaiting) before it is spooled.
+const handoverWait = 100 * time.Millisecond
 
 func (p *producer) toSpool(ev *event, now time.Time) (produceResult, error) {
 	return p.spoolAt(ev, now, time.Time{})
