@@ -122,16 +122,16 @@ var errHandedOver = errors.New("the spool handed over to Kafka")
 
 // appendWaiting is append for an event sent while the spool is active.
 // While the drainer hands over it waits, until deadline at most, and
-// returns errHandedOver when the spool is inactive by then; past the
-// deadline (Kafka slow again) it is appended anyway. A zero deadline
-// waits for nothing.
+// returns errHandedOver when the spool is inactive by then (or was
+// already); past the deadline (Kafka slow again) it is appended anyway. A
+// zero deadline waits for nothing, and appends whatever the state.
 func (s *spool) appendWaiting(topic topicID, key, value []byte, now, deadline time.Time) error {
 	size := int64(len(key) + len(value) + 20)
 	if s.bytes.Load()+size > s.maxBytes {
 		return errSpoolFull
 	}
 	s.mu.Lock()
-	if s.handover && !deadline.IsZero() {
+	if !deadline.IsZero() {
 		for s.handover && time.Now().Before(deadline) {
 			gate := s.gate
 			s.mu.Unlock()
