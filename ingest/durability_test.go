@@ -423,7 +423,7 @@ func TestSpoolDeactivatesWhenEmptyWhateverItsCount(t *testing.T) {
 		if err := sp.append(topicClicks, []byte("key"), []byte("{}"), time.Now()); err != nil {
 			t.Fatal(err)
 		}
-		if sp.deactivateIfEmpty() {
+		if sp.deactivateIfEmpty(true) {
 			t.Fatalf("deactivated while holding an event")
 		}
 		evs, err := sp.read(10, 1<<20)
@@ -434,7 +434,7 @@ func TestSpoolDeactivatesWhenEmptyWhateverItsCount(t *testing.T) {
 			t.Fatal(err)
 		}
 		sp.count.Add(drift)
-		if !sp.deactivateIfEmpty() {
+		if !sp.deactivateIfEmpty(true) {
 			t.Fatalf("an empty spool with its count off by %d stays active", drift)
 		}
 		if sp.active.Load() || sp.count.Load() != 0 || sp.bytes.Load() != 0 {
@@ -505,13 +505,13 @@ func TestSpoolKeepsOrderAcrossReopen(t *testing.T) {
 	if len(all) != 8 || string(all[7].key) != "key-10" {
 		t.Fatalf("after reopen and append: %d events, last %q", len(all), all[len(all)-1].key)
 	}
-	if sp.deactivateIfEmpty() {
+	if sp.deactivateIfEmpty(true) {
 		t.Fatalf("a spool holding events deactivated")
 	}
 	if err := sp.remove(all); err != nil {
 		t.Fatal(err)
 	}
-	if !sp.deactivateIfEmpty() || sp.active.Load() || sp.bytes.Load() != 0 {
+	if !sp.deactivateIfEmpty(true) || sp.active.Load() || sp.bytes.Load() != 0 {
 		t.Fatalf("empty spool: active %v, %d bytes", sp.active.Load(), sp.bytes.Load())
 	}
 

@@ -5,9 +5,13 @@ import (
 	"encoding/binary"
 	"io"
 	"log/slog"
+	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -138,4 +142,62 @@ func TestSpoolReadSkipsDrainedEvents(t *testing.T) {
 		t.Errorf("a read of 512 events costs %v over the drained events' deletions, %v without them (%.0fx)",
 			withDeletions, compacted, float64(withDeletions)/float64(compacted))
 	}
+}
+
+// While the broker hangs (the case the produce timeout is for), a quiet
+// edge in spool mode answers from the spool at once: a handover begins
+// only once Kafka has taken a drain round. (Before, the drainer began one
+// as soon as its read found less than a batch, and then hung in its
+// drain: every request waited out the produce timeout at the gate.)
+func TestHungBrokerMakesNoRequestWaitForAHandover(t *testing.T) {
+	addr := freeAddr(t)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "TRACKSTAR_TEST_BROKER_CHILD="+addr)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	waitFor(t, "the broker process listens", func() error {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+	testenv.CreateTopics(t, addr, testPartitions)
+	te := startEdge(t, addr, t.TempDir(), func(c *Config) { c.ProduceTimeout = 300 * time.Millisecond })
+	var tr traffic
+	tr.send(t, te.url, 3)
+
+	if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	tr.send(t, te.url, 1) // times out, spooled: the spool is active
+	// The abandoned original settles after the 10 s request timeout; the
+	// drainer then reads the one event and begins a handover.
+	time.Sleep(12 * time.Second)
+	var slow, n int
+	var total time.Duration
+	end := time.Now().Add(8 * time.Second)
+	for time.Now().Before(end) {
+		start := time.Now()
+		if r := get(t, te.url+"/click?offer_id=1&aff_id=7&sub1=x"); r.code != 302 {
+			t.Fatalf("click: %d %q", r.code, r.body)
+		}
+		d := time.Since(start)
+		n++
+		total += d
+		if d >= 80*time.Millisecond { // a wait for a handover is 100 ms
+			slow++
+		}
+		time.Sleep(100 * time.Millisecond) // a quiet edge: 10 clicks a second
+	}
+	if slow > 0 {
+		t.Fatalf("%d of %d clicks over 8 s took 80 ms or more, though the spool was active and the broker hung (mean %v)", slow, n, total/time.Duration(n))
+	}
+	_ = cmd.Process.Signal(syscall.SIGCONT)
 }

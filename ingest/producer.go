@@ -226,7 +226,9 @@ func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
 	}
 	ev.state.Store(stateQueued)
 	ev.refs.Add(1) // Kafka's hold
-	ev.timer.Reset(p.timeout)
+	// The produce timeout counts from the request's start, a wait for a
+	// handover included.
+	ev.timer.Reset(p.timeout - time.Since(start))
 	select {
 	case p.queue <- ev:
 	case <-ev.timer.C:
@@ -309,6 +311,10 @@ func (p *producer) drain() {
 	const batch, batchBytes = 512, 512 << 10
 	backoff := 100 * time.Millisecond
 	drained := 0
+	// tookLast says Kafka took the drainer's last round since the spool
+	// became active: only then may a handover begin, or while Kafka
+	// hangs every request would wait for nothing.
+	tookLast := false
 	var waitingSince time.Time // for abandoned events to settle; zero when not waiting
 	for {
 		if !p.spool.active.Load() {
@@ -340,9 +346,9 @@ func (p *producer) drain() {
 			continue
 		}
 		if len(evs) == 0 {
-			if p.spool.deactivateIfEmpty() {
+			if p.spool.deactivateIfEmpty(tookLast) {
 				p.log.Info("spool drained; producing directly to Kafka again", "events", drained)
-				drained = 0
+				drained, tookLast = 0, false
 				continue
 			}
 			// Appends are under way (and no new one starts: a handover
@@ -357,14 +363,17 @@ func (p *producer) drain() {
 		for _, ev := range evs {
 			size += len(ev.key) + len(ev.value)
 		}
-		if len(evs) < batch && size < batchBytes {
-			// Caught up: the events appended from now on wait until these
-			// and those under way are drained, then go to Kafka directly.
-			// (Under load some append is always under way, so waiting for
-			// a moment without one could last as long as the load.)
+		caughtUp := len(evs) < batch && size < batchBytes
+		acked, err := p.produceSpooled(evs)
+		if err == nil && caughtUp {
+			// Caught up, and Kafka took the batch: the events appended
+			// from now on wait until those under way are drained, then go
+			// to Kafka directly. (Under load some append is always under
+			// way, so waiting for a moment without one could last as long
+			// as the load.) Not before the batch is acked: while Kafka
+			// hangs, every request would wait for nothing.
 			p.spool.beginHandover()
 		}
-		acked, err := p.produceSpooled(evs)
 		if rerr := p.spool.remove(acked); rerr != nil {
 			p.log.Error("cannot delete drained events from the spool; they will be produced again", "err", rerr)
 		} else {
@@ -375,6 +384,7 @@ func (p *producer) drain() {
 			}
 		}
 		drained += len(acked)
+		tookLast = err == nil
 		if err != nil {
 			p.spool.endHandover() // the waiting events are spooled after all
 			if p.ctx.Err() != nil {

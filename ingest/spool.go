@@ -272,18 +272,21 @@ func (s *spool) remove(evs []spooledEvent) error {
 
 // deactivateIfEmpty makes the spool inactive when it holds nothing and no
 // append is under way, and reports whether it did. When appends are under
-// way it begins a handover, so that they are the last.
+// way it begins a handover if handover is set (Kafka took the drainer's
+// last round), so that they are the last.
 //
 // It asks the store, not the counters: with no append under way, the store
 // holds all there is, and the counters are set to match. They can be off
 // after a write that failed its sync but reached the store anyway (Pebble
 // reports the error after applying the batch); trusting them, a spool
 // could never deactivate again.
-func (s *spool) deactivateIfEmpty() bool {
+func (s *spool) deactivateIfEmpty(handover bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.appending) != 0 {
-		s.beginHandoverLocked()
+		if handover {
+			s.beginHandoverLocked()
+		}
 		return false
 	}
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: seqKey(s.floor)})
