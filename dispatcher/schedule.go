@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -19,7 +20,7 @@ import (
 //
 //	's' host 0x00 due(8 bytes, big-endian Unix nanoseconds) jobID -> scheduledJob (JSON)
 //	'm' bucket(4 bytes, big-endian) jobID                         -> empty
-//	'v' day(4 bytes, big-endian) conversionID                     -> version (4 bytes, big-endian)
+//	'v' day(4 bytes, big-endian) conversionID 0x00 version(4 bytes, big-endian) -> empty
 //	'f' partition(4 bytes, big-endian)                            -> next offset, since (8 bytes each, big-endian; since in Unix ms)
 //
 // Schedule entries are grouped by host, then ordered by due time, so the
@@ -145,8 +146,20 @@ func (s *scheduleStore) dropOldMarkers(now time.Time, window time.Duration) erro
 	return nil
 }
 
-func versionKey(day uint32, conversionID string) []byte {
-	k := make([]byte, 0, 5+len(conversionID))
+// versionKey is the key of a note that version of conversionID was noted
+// on day. Each version has its own: two writers noting versions 2 and 3 at
+// once (the engine, and the follower reading another member's records)
+// leave both, where one key would keep whichever came last. A store
+// written before kept one key per day and conversion, without the 0x00
+// and the version, the version in its value; latestVersion reads both.
+func versionKey(day uint32, conversionID string, version uint32) []byte {
+	k := versionPrefix(day, conversionID)
+	k = append(k, 0)
+	return binary.BigEndian.AppendUint32(k, version)
+}
+
+func versionPrefix(day uint32, conversionID string) []byte {
+	k := make([]byte, 0, 5+len(conversionID)+5)
 	k = append(k, prefixVersion)
 	k = binary.BigEndian.AppendUint32(k, day)
 	return append(k, conversionID...)
@@ -163,17 +176,27 @@ func (s *scheduleStore) latestVersion(conversionID string, now time.Time) (uint3
 		if d > today {
 			break
 		}
-		v, closer, err := s.db.Get(versionKey(today-d, conversionID))
-		if errors.Is(err, pebble.ErrNotFound) {
-			continue
-		}
+		// The day's notes of the conversion: its old-style key (the
+		// prefix itself), then prefix 0x00 version; another conversion
+		// whose ID begins with this one's sorts after prefix 0x01.
+		prefix := versionPrefix(today-d, conversionID)
+		it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: prefix, UpperBound: append(slices.Clip(prefix), 1)})
 		if err != nil {
-			return 0, fmt.Errorf("cannot read version note of %s: %w", conversionID, err)
+			return 0, fmt.Errorf("cannot read version notes of %s: %w", conversionID, err)
 		}
-		if len(v) == 4 {
-			latest = max(latest, binary.BigEndian.Uint32(v))
+		for valid := it.First(); valid; valid = it.Next() {
+			k := it.Key()
+			if len(k) == len(prefix)+5 {
+				latest = max(latest, binary.BigEndian.Uint32(k[len(prefix)+1:]))
+			} else if len(k) == len(prefix) {
+				if v, err := it.ValueAndErr(); err == nil && len(v) == 4 {
+					latest = max(latest, binary.BigEndian.Uint32(v))
+				}
+			}
 		}
-		closer.Close()
+		if err := it.Close(); err != nil {
+			return 0, fmt.Errorf("cannot read version notes of %s: %w", conversionID, err)
+		}
 	}
 	return latest, nil
 }
@@ -194,7 +217,7 @@ func (s *scheduleStore) noteVersion(conversionID string, version uint32, now tim
 	if err != nil || latest >= version {
 		return err
 	}
-	if err := s.db.Set(versionKey(dayOf(now), conversionID), binary.BigEndian.AppendUint32(nil, version), opts); err != nil {
+	if err := s.db.Set(versionKey(dayOf(now), conversionID, version), nil, opts); err != nil {
 		return fmt.Errorf("cannot write version note of %s: %w", conversionID, err)
 	}
 	return nil

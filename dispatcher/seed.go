@@ -2,7 +2,6 @@ package dispatcher
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"time"
@@ -167,7 +166,7 @@ func (l *learner) add(rec *schemas.Delivery) error {
 		}
 		l.versions[rec.ConversionID] = max(latest, rec.Version)
 		if latest < rec.Version {
-			if err := l.b.Set(versionKey(dayOf(l.now), rec.ConversionID), binary.BigEndian.AppendUint32(nil, rec.Version), nil); err != nil {
+			if err := l.b.Set(versionKey(dayOf(l.now), rec.ConversionID, rec.Version), nil, nil); err != nil {
 				return err
 			}
 		}

@@ -2,7 +2,9 @@ package dispatcher
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -426,5 +428,72 @@ func TestLearnedMarkerFromAClockAhead(t *testing.T) {
 	}
 	if ok, err := s.seen("c/1", learnedAt, window); err != nil || !ok {
 		t.Fatalf("a delivery recorded 1.5 s ahead of the learner's clock: seen %v, %v; want a marker", ok, err)
+	}
+}
+
+// A note of an older version written after a newer one's (the follower's
+// catch-up batch committing after the engine noted a newer version; two
+// writers at once) does not hide the newer: each version has its own key.
+// (Before, one key per day and conversion kept whichever came last, and
+// the older status could then reach the partner after the newer.)
+func TestOlderNoteDoesNotHideANewer(t *testing.T) {
+	s, err := openScheduleStore(t.TempDir(), slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	now := time.Now()
+	l := s.newLearner(now, time.Hour)
+	l.notesOnly = true
+	if err := l.add(&schemas.Delivery{ConversionID: "c1", Version: 2, Outcome: schemas.OutcomeRetrying, TS: now.UnixMilli()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.noteVersion("c1", 3, now, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.finish(); err != nil {
+		t.Fatal(err)
+	}
+	l.close()
+	if got, err := s.latestVersion("c1", now); err != nil || got != 3 {
+		t.Fatalf("latest version of c1 = %d (%v) after notes of 3, then 2, want 3", got, err)
+	}
+
+	lost := 0
+	for i := range 500 {
+		id := fmt.Sprintf("c%d", i)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_ = s.noteVersion(id, 2, now, pebble.NoSync)
+		}()
+		_ = s.noteVersion(id, 3, now, pebble.NoSync)
+		<-done
+		if v, _ := s.latestVersion(id, now); v != 3 {
+			lost++
+		}
+	}
+	if lost > 0 {
+		t.Fatalf("%d of 500 conversions lost their note of version 3 to a concurrent one of 2", lost)
+	}
+
+	// A note in the layout of stores written before (one key per day and
+	// conversion, the version in its value) still counts, and a
+	// conversion whose ID begins with another's is not taken for it.
+	old := versionPrefix(dayOf(now), "c1old")
+	if err := s.db.Set(old, binary.BigEndian.AppendUint32(nil, 5), pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.noteVersion("c1old2", 9, now, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.latestVersion("c1old", now); err != nil || got != 5 {
+		t.Fatalf("latest version of c1old = %d (%v), want 5 from its old-style note", got, err)
+	}
+	if err := s.noteVersion("c1old", 6, now, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.latestVersion("c1old", now); err != nil || got != 6 {
+		t.Fatalf("latest version of c1old = %d (%v), want 6", got, err)
 	}
 }
