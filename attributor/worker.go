@@ -38,6 +38,7 @@ type worker struct {
 	p          *partition
 	lastCommit time.Time
 	lastExpire time.Time
+	lastNoted  time.Time // of meta.ConversionsEnd (noteConversionsEnd)
 }
 
 // feed reads one topic partition into a channel.
@@ -472,7 +473,9 @@ func (w *worker) commitGroup() error {
 		return nil
 	}
 	p.meta.AttemptClicks, p.meta.AttemptPostbacks = clicks, postbacks
-	w.noteConversionsEnd()
+	if time.Since(w.lastNoted) >= noteInterval {
+		w.noteConversionsEnd()
+	}
 	if err := w.a.db.Set(metaKey(w.id), p.meta.append(nil), pebble.Sync); err != nil {
 		return storeErr(fmt.Errorf("cannot store offsets of partition %d: %w", w.id, err))
 	}
@@ -499,21 +502,47 @@ func (w *worker) shutdown() error {
 	return storeErr(w.a.db.Set(metaKey(w.id), w.p.meta.append(nil), pebble.Sync))
 }
 
-// noteConversionsEnd sets meta.ConversionsEnd to the end of the
-// partition's conversions, for the next write of the meta record: every
-// conversion before it was sent by this member (its replay records
-// written, synced with that record) or restored into its store. Left as
-// it was when the broker does not answer: outputIsOwn then reads a little
-// more.
+// noteInterval is how often a commit moves meta.ConversionsEnd on: a
+// restart after a crash reads back at most that much of its own output
+// (outputIsOwn), and a running member reads it back once per interval.
+const noteInterval = 30 * time.Second
+
+// staleMark, as meta.ConversionsEnd, says that another member's
+// conversions were found in the partition while this one still had it
+// (it stalled past its session, say): the state is stale, and the next
+// start rebuilds it.
+const staleMark = -2
+
+// noteConversionsEnd moves meta.ConversionsEnd on to the end of the
+// partition's conversions, for the next write of the meta record, across
+// records it checks are this store's own (ownBetween): those it sent
+// since, whose replay records that write syncs. One that is not (another
+// member took the partition over while this one stalled) marks the state
+// stale instead. Left as it was when the broker does not answer:
+// outputIsOwn then reads a little more.
 func (w *worker) noteConversionsEnd() {
-	if w.p.meta.ConversionsEnd < 0 {
-		return // not known from the start (see restoreConversions)
+	from := w.p.meta.ConversionsEnd
+	if from < 0 {
+		return // unknown (see restoreConversions), or already stale
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if end, err := w.lastOffset(ctx, bus.TopicConversions); err == nil {
-		w.p.meta.ConversionsEnd = end
+	end, err := w.lastOffset(ctx, bus.TopicConversions)
+	if err != nil || end <= from {
+		return
 	}
+	own, err := w.ownBetween(ctx, from, end)
+	if err != nil {
+		return
+	}
+	w.lastNoted = time.Now()
+	if !own {
+		w.a.log.Warn("another member wrote conversions of this partition while this one had it; its state will be rebuilt at the next start",
+			"partition", w.id)
+		w.p.meta.ConversionsEnd = staleMark
+		return
+	}
+	w.p.meta.ConversionsEnd = end
 }
 
 // conversionsLikeClicks reports whether the conversions topic has as many
@@ -551,6 +580,9 @@ const maxOwnCheck = 200_000
 // then, and notes it from now on.
 func (w *worker) outputIsOwn(ctx context.Context) (bool, error) {
 	from := w.p.meta.ConversionsEnd
+	if from == staleMark {
+		return false, nil
+	}
 	if from < 0 {
 		if alike, err := w.conversionsLikeClicks(ctx); err == nil && alike {
 			if end, err := w.lastOffset(ctx, bus.TopicConversions); err == nil {
@@ -563,6 +595,12 @@ func (w *worker) outputIsOwn(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	return w.ownBetween(ctx, from, end)
+}
+
+// ownBetween reports whether every conversion in [from, end) of the
+// partition is one this store emitted, byte for byte.
+func (w *worker) ownBetween(ctx context.Context, from, end int64) (bool, error) {
 	if end == from {
 		return true, nil
 	}

@@ -77,6 +77,9 @@ type producer struct {
 	// them. The drainer waits for them to settle so that a late ack of the
 	// original cannot land after the spooled copy's successors.
 	abandoned atomic.Int64
+	// drainRound is how long the drainer's last acked round took (ns): a
+	// handover lasts about one round, so events wait for it about that.
+	drainRound atomic.Int64
 	// afterSettled, when set (tests only), runs in the drainer between
 	// its wait for abandoned events and its read of the spool.
 	afterSettled atomic.Pointer[func()]
@@ -216,10 +219,11 @@ func (p *producer) send(ev *event) error {
 func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
 	if p.spool.active.Load() {
 		// While the drainer hands over, wait for it: then produce
-		// directly, as it left the spool empty. A healthy broker lets it
-		// finish in milliseconds; past handoverWait (a slow one) the
-		// event is spooled, as it would have been.
-		res, err := p.spoolAt(ev, start, start.Add(min(p.timeout, handoverWait)))
+		// directly, as it left the spool empty. A handover takes about
+		// one drain round: past twice the last one (at least
+		// handoverWait), the event is spooled, as it would have been.
+		wait := min(p.timeout, max(handoverWait, 2*time.Duration(p.drainRound.Load())))
+		res, err := p.spoolAt(ev, start, start.Add(wait))
 		if !errors.Is(err, errHandedOver) {
 			return res, err
 		}
@@ -271,8 +275,10 @@ func (p *producer) logKafkaError(err error) {
 	}
 }
 
-// handoverWait bounds how long an event sent while the spool is active
-// waits for a handover (see spool.appendWaiting) before it is spooled.
+// handoverWait is the least an event sent while the spool is active
+// waits for a handover (see spool.appendWaiting) before it is spooled:
+// twice the drainer's last round, when that is longer (a broker slow to
+// ack, but within the produce timeout), so that the handover can finish.
 const handoverWait = 100 * time.Millisecond
 
 func (p *producer) toSpool(ev *event, now time.Time) (produceResult, error) {
@@ -364,7 +370,11 @@ func (p *producer) drain() {
 			size += len(ev.key) + len(ev.value)
 		}
 		caughtUp := len(evs) < batch && size < batchBytes
+		roundStart := time.Now()
 		acked, err := p.produceSpooled(evs)
+		if err == nil {
+			p.drainRound.Store(int64(time.Since(roundStart)))
+		}
 		if err == nil && caughtUp {
 			// Caught up, and Kafka took the batch: the events appended
 			// from now on wait until those under way are drained, then go

@@ -745,10 +745,26 @@ func (l *loader) insertRows(ctx context.Context, t *loaderTable, rows [][]any) e
 	if err != nil {
 		return err
 	}
-	if len(l.settings) > 0 {
-		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(l.settings))
+	l.connMu.Lock()
+	settings := l.settings
+	l.connMu.Unlock()
+	insertCtx := ctx
+	if len(settings) > 0 {
+		insertCtx = clickhouse.Context(ctx, clickhouse.WithSettings(settings))
 	}
-	return sendRows(ctx, conn, l.cfg.Database, t, rows)
+	err = sendRows(insertCtx, conn, l.cfg.Database, t, rows)
+	if exc := (*clickhouse.Exception)(nil); errors.As(err, &exc) && (exc.Code == 115 || exc.Code == 252) {
+		// UNKNOWN_SETTING, TOO_MANY_PARTS: the pool now reaches a server
+		// without the setting, or with it where it had none (a server
+		// downgraded or upgraded, or another behind the same address):
+		// ask again, for the retry.
+		if s, serr := insertSettings(ctx, conn); serr == nil {
+			l.connMu.Lock()
+			l.settings = s
+			l.connMu.Unlock()
+		}
+	}
+	return err
 }
 
 // insertSettings returns the settings of the loader's inserts into the
