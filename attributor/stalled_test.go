@@ -2,15 +2,19 @@ package attributor
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/trackstar/trackstar/internal/bus"
@@ -159,4 +163,65 @@ func workerStarts(out string) int {
 		}
 	}
 	return n
+}
+
+// A member that sent more than maxOwnCheck conversions of a partition
+// within one noteInterval (a catch-up after an outage, a busy partition)
+// moves its mark on across them: every one is its own. (Before, the
+// running note applied the start's bound and marked its own state stale.)
+func TestOwnBurstIsNotMarkedStale(t *testing.T) {
+	defer func(n int64) { maxOwnCheck = n }(maxOwnCheck)
+	maxOwnCheck = 1000
+	addr := testenv.KafkaTopics(t, testPartitions)
+	db, err := openStore(filepath.Join(t.TempDir(), "a"), StoreOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	a := &attributor{
+		cfg:    Config{Brokers: []string{addr}, Grace: time.Second},
+		log:    slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		db:     db,
+		m:      newMetrics(prometheus.NewRegistry()),
+		client: &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second},
+	}
+	w := &worker{a: a, id: 0}
+	w.p = newPartition(db, 0, time.Second, a.m)
+	w.p.meta.ConversionsEnd = 0
+
+	n := 5 * int(maxOwnCheck)
+	wr := &kafka.Writer{Addr: kafka.TCP(addr), Topic: bus.TopicConversions,
+		Balancer:  kafka.BalancerFunc(func(kafka.Message, ...int) int { return 0 }),
+		BatchSize: 2000, BatchBytes: 1_000_000, BatchTimeout: time.Millisecond, RequiredAcks: kafka.RequireAll}
+	defer wr.Close()
+	b := db.NewBatch()
+	var msgs []kafka.Message
+	now := time.Now()
+	for i := 0; i < n; i++ {
+		c := schemas.Conversion{V: schemas.Version, ConversionID: schemas.NewID(now), Version: 1,
+			ClickID: schemas.NewID(now), TS: now.UnixMilli(), Status: schemas.StatusRejected, RejectReason: schemas.RejectUnknownClick}
+		c.PostbackEventID = c.ConversionID
+		rec := appendString(nil, c.ClickID)
+		rec = append(rec, schemas.EncodeConversion(c)...)
+		if err := b.Set(eventKey(nil, 0, c.PostbackEventID), rec, nil); err != nil {
+			t.Fatal(err)
+		}
+		k, v, _ := splitRecord(rec)
+		msgs = append(msgs, kafka.Message{Key: k, Value: v, Time: now})
+		if len(msgs) == 5000 || i == n-1 {
+			if err := wr.WriteMessages(context.Background(), msgs...); err != nil {
+				t.Fatal(err)
+			}
+			msgs = msgs[:0]
+		}
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	st := time.Now()
+	w.noteConversionsEnd()
+	t.Logf("note took %v", time.Since(st))
+	if got := w.p.meta.ConversionsEnd; got != int64(n) {
+		t.Fatalf("%d conversions, all this store's own byte for byte: the mark is %d, want %d (staleMark is %d)", n, got, n, staleMark)
+	}
 }

@@ -503,9 +503,9 @@ func (w *worker) shutdown() error {
 }
 
 // noteInterval is how often a commit moves meta.ConversionsEnd on: a
-// restart after a crash reads back at most that much of its own output
+// restart after a crash reads back about that much of its own output
 // (outputIsOwn), and a running member reads it back once per interval.
-const noteInterval = 30 * time.Second
+const noteInterval = 10 * time.Second
 
 // staleMark, as meta.ConversionsEnd, says that another member's
 // conversions were found in the partition while this one still had it
@@ -531,18 +531,20 @@ func (w *worker) noteConversionsEnd() {
 	if err != nil || end <= from {
 		return
 	}
-	own, err := w.ownBetween(ctx, from, end)
-	if err != nil {
-		return
-	}
+	// Retried at the next interval, not at every commit, when the broker
+	// is slow; and no bound on how many: every record since the last
+	// note is this worker's own (a start, where a rebuild is cheaper
+	// than a long check, has one: ownBetween).
 	w.lastNoted = time.Now()
-	if !own {
+	reached, foreign, _ := w.ownUpTo(ctx, from, end)
+	if foreign {
 		w.a.log.Warn("another member wrote conversions of this partition while this one had it; its state will be rebuilt at the next start",
 			"partition", w.id)
 		w.p.meta.ConversionsEnd = staleMark
 		return
 	}
-	w.p.meta.ConversionsEnd = end
+	// As far as it got in time: the next note goes on from there.
+	w.p.meta.ConversionsEnd = max(from, reached)
 }
 
 // conversionsLikeClicks reports whether the conversions topic has as many
@@ -569,7 +571,7 @@ func (w *worker) conversionsLikeClicks(ctx context.Context) (bool, error) {
 
 // maxOwnCheck bounds the conversions outputIsOwn reads: more than that
 // since this member last looked, and a rebuild is cheaper than the check.
-const maxOwnCheck = 200_000
+var maxOwnCheck int64 = 200_000 // a variable for tests
 
 // outputIsOwn reports whether every conversion written to the partition
 // since meta.ConversionsEnd is one this store emitted, byte for byte (its
@@ -599,7 +601,9 @@ func (w *worker) outputIsOwn(ctx context.Context) (bool, error) {
 }
 
 // ownBetween reports whether every conversion in [from, end) of the
-// partition is one this store emitted, byte for byte.
+// partition is one this store emitted, byte for byte; false, too, when
+// that is more than maxOwnCheck records (a rebuild is cheaper) or some
+// are gone from the topic.
 func (w *worker) ownBetween(ctx context.Context, from, end int64) (bool, error) {
 	if end == from {
 		return true, nil
@@ -607,12 +611,21 @@ func (w *worker) ownBetween(ctx context.Context, from, end int64) (bool, error) 
 	if end < from || end-from > maxOwnCheck {
 		return false, nil // the topic was created again; or too much to check
 	}
+	reached, foreign, err := w.ownUpTo(ctx, from, end)
+	return !foreign && reached >= end, err
+}
+
+// ownUpTo reads the partition's conversions from from towards end and
+// returns how far every record is this store's own, and whether it
+// stopped at one that is not (or that it cannot tell: gone from the
+// topic, undecodable).
+func (w *worker) ownUpTo(ctx context.Context, from, end int64) (reached int64, foreign bool, err error) {
 	first, err := w.listOffset(ctx, bus.TopicConversions, kafka.FirstOffsetOf(w.id))
 	if err != nil {
-		return false, err
+		return from, false, err
 	}
 	if first > from {
-		return false, nil // some are gone: cannot tell
+		return from, true, nil
 	}
 	r := kafka.NewReader(kafka.ReaderConfig{
 		Brokers: w.a.cfg.Brokers, Topic: bus.TopicConversions, Partition: w.id,
@@ -620,35 +633,35 @@ func (w *worker) ownBetween(ctx context.Context, from, end int64) (bool, error) 
 	})
 	defer r.Close()
 	if err := r.SetOffset(from); err != nil {
-		return false, fmt.Errorf("cannot seek %s/%d: %w", bus.TopicConversions, w.id, err)
+		return from, false, fmt.Errorf("cannot seek %s/%d: %w", bus.TopicConversions, w.id, err)
 	}
 	var key []byte
-	for next := from; next < end; {
+	for reached = from; reached < end; {
 		m, err := r.FetchMessage(ctx)
 		if err != nil {
-			return false, fmt.Errorf("cannot read %s/%d: %w", bus.TopicConversions, w.id, err)
+			return reached, false, fmt.Errorf("cannot read %s/%d: %w", bus.TopicConversions, w.id, err)
 		}
-		next = m.Offset + 1
 		c, err := schemas.DecodeConversion(m.Value)
 		if err != nil {
-			return false, nil
+			return reached, true, nil
 		}
 		key = eventKey(key[:0], w.id, c.PostbackEventID)
 		v, closer, err := w.a.db.Get(key)
 		if errors.Is(err, pebble.ErrNotFound) {
-			return false, nil
+			return reached, true, nil
 		}
 		if err != nil {
-			return false, storeErr(err)
+			return reached, false, storeErr(err)
 		}
 		k, value, err := splitRecord(v)
 		same := err == nil && bytes.Equal(k, m.Key) && bytes.Equal(value, m.Value)
 		closer.Close()
 		if !same {
-			return false, nil
+			return reached, true, nil
 		}
+		reached = m.Offset + 1
 	}
-	return true, nil
+	return reached, false, nil
 }
 
 // rebuild builds the state of a partition gained without (current) local

@@ -266,3 +266,57 @@ func TestSpoolHandsOverWithASlowBroker(t *testing.T) {
 		t.Fatalf("broker acks in 150 ms (produce timeout 1 s), yet the edge stayed in spool mode for all 6 s of load (%d events sent)", sent.Load())
 	}
 }
+
+// A broker whose acks take a third of the produce timeout or more leaves
+// the edge in spool mode, answering from the spool in a spool write: a
+// handover and the produce after it would not fit in the timeout. (Before,
+// the edge went in and out of spool mode, and the events handed over were
+// spooled at the produce timeout, a second after they were sent.)
+func TestVerySlowBrokerMakesNoRequestWaitOutTheTimeout(t *testing.T) {
+	broker := testenv.KafkaControlled(t, testPartitions, kmsg.Produce, func(c *kfake.Cluster, _ kmsg.Request) kmsg.Response {
+		c.SleepControl(func() { time.Sleep(350 * time.Millisecond) })
+		return nil
+	})
+	dir := t.TempDir()
+	sp, err := openSpool(filepath.Join(dir, spoolDirName), 1<<30, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sp.append(topicClicks, schemas.AppendNewID(nil, time.Now()), []byte(`{"v":1}`), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	sp.close()
+	te := startEdge(t, broker, dir, nil) // starts with one event spooled; ProduceTimeout 1 s
+	p := te.edge.prod
+
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+	defer cancel()
+	var sends, slow atomic.Int64
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				ev := p.get(topicClicks)
+				ev.key = schemas.AppendNewID(ev.key[:0], time.Now())
+				ev.value = append(ev.value[:0], `{"v":1}`...)
+				start := time.Now()
+				if err := p.send(ev); err != nil {
+					t.Errorf("send: %v", err)
+				}
+				if time.Since(start) >= p.timeout {
+					slow.Add(1)
+				}
+				sends.Add(1)
+				p.put(ev)
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("%d sends, %d took the produce timeout or more", sends.Load(), slow.Load())
+	if slow.Load() > 0 {
+		t.Fatalf("%d of %d sends took the %v produce timeout or more, with a broker acking in 350 ms", slow.Load(), sends.Load(), p.timeout)
+	}
+}

@@ -221,9 +221,11 @@ func (p *producer) sendAt(ev *event, start time.Time) (produceResult, error) {
 		// While the drainer hands over, wait for it: then produce
 		// directly, as it left the spool empty. A handover takes about
 		// one drain round: past twice the last one (at least
-		// handoverWait), the event is spooled, as it would have been.
-		wait := min(p.timeout, max(handoverWait, 2*time.Duration(p.drainRound.Load())))
-		res, err := p.spoolAt(ev, start, start.Add(wait))
+		// handoverWait), the event is spooled, as it would have been;
+		// and the wait leaves the produce itself a round of the timeout.
+		round := time.Duration(p.drainRound.Load())
+		wait := min(p.timeout-round, max(handoverWait, 2*round))
+		res, err := p.spoolAt(ev, start, start.Add(max(wait, 0)))
 		if !errors.Is(err, errHandedOver) {
 			return res, err
 		}
@@ -375,13 +377,16 @@ func (p *producer) drain() {
 		if err == nil {
 			p.drainRound.Store(int64(time.Since(roundStart)))
 		}
-		if err == nil && caughtUp {
+		if err == nil && caughtUp && 3*time.Duration(p.drainRound.Load()) <= p.timeout {
 			// Caught up, and Kafka took the batch: the events appended
 			// from now on wait until those under way are drained, then go
 			// to Kafka directly. (Under load some append is always under
 			// way, so waiting for a moment without one could last as long
 			// as the load.) Not before the batch is acked: while Kafka
-			// hangs, every request would wait for nothing.
+			// hangs, every request would wait for nothing. Nor when a
+			// round takes over a third of the produce timeout: a handover
+			// and the produce after it would not fit in it, and the edge
+			// would go in and out of spool mode.
 			p.spool.beginHandover()
 		}
 		if rerr := p.spool.remove(acked); rerr != nil {
