@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -16,6 +17,8 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/trackstar/trackstar/internal/bus"
 	"github.com/trackstar/trackstar/internal/testenv"
@@ -223,5 +226,106 @@ func TestOwnBurstIsNotMarkedStale(t *testing.T) {
 	t.Logf("note took %v", time.Since(st))
 	if got := w.p.meta.ConversionsEnd; got != int64(n) {
 		t.Fatalf("%d conversions, all this store's own byte for byte: the mark is %d, want %d (staleMark is %d)", n, got, n, staleMark)
+	}
+}
+
+// A broker slow to answer ListOffsets is asked again at the next
+// noteInterval, not at every commit (each costing the worker a 5 s wait).
+func TestSlowBrokerIsNotAskedAtEveryCommit(t *testing.T) {
+	var slow atomic.Bool
+	addr := testenv.KafkaControlled(t, testPartitions, kmsg.ListOffsets, func(c *kfake.Cluster, _ kmsg.Request) kmsg.Response {
+		if slow.Load() {
+			c.SleepControl(func() { time.Sleep(6 * time.Second) })
+		}
+		return nil
+	})
+	db, err := openStore(filepath.Join(t.TempDir(), "a"), StoreOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	a := &attributor{
+		cfg:    Config{Brokers: []string{addr}, Grace: time.Second},
+		log:    slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		db:     db,
+		m:      newMetrics(prometheus.NewRegistry()),
+		client: &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second},
+	}
+	w := &worker{a: a, id: 0}
+	w.p = newPartition(db, 0, time.Second, a.m)
+	w.p.meta.ConversionsEnd = 0
+	slow.Store(true)
+	// What commitGroup does at each commit (CommitInterval, 1 s by default).
+	commits, noted := 0, 0
+	st := time.Now()
+	for range 3 {
+		commits++
+		if time.Since(w.lastNoted) >= noteInterval {
+			noted++
+			w.noteConversionsEnd()
+		}
+	}
+	t.Logf("%d commits took %v, %d of them noted", commits, time.Since(st), noted)
+	if noted > 1 {
+		t.Fatalf("the broker did not answer ListOffsets in time, yet each of %d commits within %v tried again (%v)", noted, noteInterval, time.Since(st))
+	}
+}
+
+// A postback minted before the expiry cut (an edge that drains a spool it
+// kept for longer than keepFor, after days offline) is decided and sent
+// like any other, and the next expiry pass drops its record: the note does
+// not take that conversion for another member's. (Before, it marked the
+// state stale.)
+func TestOwnConversionExpiredBeforeTheNoteIsNotStale(t *testing.T) {
+	addr := testenv.KafkaTopics(t, testPartitions)
+	cat := loadTestCatalog(t)
+	db, err := openStore(filepath.Join(t.TempDir(), "a"), StoreOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	a := &attributor{
+		cfg:    Config{Brokers: []string{addr}, Grace: time.Second},
+		log:    slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		db:     db,
+		m:      newMetrics(prometheus.NewRegistry()),
+		client: &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second},
+	}
+	w := &worker{a: a, id: 0}
+	w.p = newPartition(db, 0, time.Second, a.m)
+	w.p.meta.ConversionsEnd = 0
+	now := time.Now()
+	old := now.Add(-keepFor(cat, time.Second) - time.Hour)
+	pb := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(old), ClickID: schemas.NewID(old.Add(-time.Minute)),
+		TS: old.UnixMilli(), AdvertiserID: 1, Status: "approved"}
+	w.p.clicksCaughtUp = true // the click never came
+	wk := w.p.begin()
+	if err := w.p.addPostback(wk, cat, 0, []byte(pb.ClickID), pb.AppendJSON(nil), now); err != nil {
+		t.Fatal(err)
+	}
+	out := wk.out
+	if err := w.p.commit(wk); err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 1 || out[0].dlq {
+		t.Fatalf("want one conversion, got %+v", out)
+	}
+	wr := &kafka.Writer{Addr: kafka.TCP(addr), Topic: bus.TopicConversions,
+		Balancer:     kafka.BalancerFunc(func(kafka.Message, ...int) int { return 0 }),
+		BatchTimeout: time.Millisecond, RequiredAcks: kafka.RequireAll}
+	defer wr.Close()
+	if err := wr.WriteMessages(context.Background(), kafka.Message{Key: out[0].key, Value: out[0].value, Time: now}); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.p.acked(out); err != nil {
+		t.Fatal(err)
+	}
+	w.p.postbacksCaughtUp = true
+	if err := w.p.expire(cat, now); err != nil { // ExpireInterval (1 m) passed
+		t.Fatal(err)
+	}
+	w.noteConversionsEnd()
+	if got := w.p.meta.ConversionsEnd; got != 1 {
+		t.Fatalf("the partition holds one conversion, this member's own: the mark is %d, want 1 (staleMark %d)", got, staleMark)
 	}
 }

@@ -320,3 +320,59 @@ func TestVerySlowBrokerMakesNoRequestWaitOutTheTimeout(t *testing.T) {
 		t.Fatalf("%d of %d sends took the %v produce timeout or more, with a broker acking in 350 ms", slow.Load(), sends.Load(), p.timeout)
 	}
 }
+
+// No handover begins after a drain round that took over a third of the
+// produce timeout, not even through deactivateIfEmpty, when the read after
+// such a round finds nothing stored but an append under way. (Before, that
+// path began one.)
+func TestNoHandoverAfterASlowRound(t *testing.T) {
+	broker := testenv.KafkaControlled(t, testPartitions, kmsg.Produce, func(c *kfake.Cluster, _ kmsg.Request) kmsg.Response {
+		c.SleepControl(func() { time.Sleep(450 * time.Millisecond) })
+		return nil
+	})
+	te := startEdge(t, broker, t.TempDir(), nil) // ProduceTimeout 1 s
+	p, sp := te.edge.prod, te.edge.sp
+	const fakeSeq = 1 << 62
+	inserted := make(chan struct{})
+	hook := func() {
+		select {
+		case <-inserted:
+			return
+		default:
+		}
+		if p.drainRound.Load() > 0 && sp.count.Load() == 0 {
+			// An append between taking its number and being written
+			// (a handler's spool write, mid-fsync).
+			sp.mu.Lock()
+			sp.appending[fakeSeq] = struct{}{}
+			sp.mu.Unlock()
+			close(inserted)
+		}
+	}
+	p.afterSettled.Store(&hook)
+	if err := sp.append(topicClicks, schemas.AppendNewID(nil, time.Now()), []byte(`{"v":1}`), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-inserted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the drainer never finished its round")
+	}
+	round := time.Duration(p.drainRound.Load())
+	deadline := time.Now().Add(time.Second)
+	handover := false
+	for time.Now().Before(deadline) && !handover {
+		sp.mu.Lock()
+		handover = sp.handover
+		sp.mu.Unlock()
+		time.Sleep(5 * time.Millisecond)
+	}
+	sp.mu.Lock()
+	delete(sp.appending, fakeSeq)
+	sp.mu.Unlock()
+	sp.nudge()
+	t.Logf("last drain round %v, produce timeout %v, handover began: %v", round, p.timeout, handover)
+	if 3*round > p.timeout && handover {
+		t.Fatalf("a handover began after a drain round of %v (> a third of the %v produce timeout)", round, p.timeout)
+	}
+}

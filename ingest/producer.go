@@ -377,7 +377,11 @@ func (p *producer) drain() {
 		if err == nil {
 			p.drainRound.Store(int64(time.Since(roundStart)))
 		}
-		if err == nil && caughtUp && 3*time.Duration(p.drainRound.Load()) <= p.timeout {
+		// A handover may begin (here, or in deactivateIfEmpty on the next
+		// pass) only after a round that Kafka took within a third of the
+		// produce timeout.
+		mayHandOver := err == nil && 3*time.Duration(p.drainRound.Load()) <= p.timeout
+		if mayHandOver && caughtUp {
 			// Caught up, and Kafka took the batch: the events appended
 			// from now on wait until those under way are drained, then go
 			// to Kafka directly. (Under load some append is always under
@@ -399,7 +403,7 @@ func (p *producer) drain() {
 			}
 		}
 		drained += len(acked)
-		tookLast = err == nil
+		tookLast = mayHandOver
 		if err != nil {
 			p.spool.endHandover() // the waiting events are spooled after all
 			if p.ctx.Err() != nil {
