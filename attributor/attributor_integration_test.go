@@ -766,24 +766,8 @@ func TestReturningMemberSeesPostbacksAnotherDecided(t *testing.T) {
 	addr := testenv.KafkaTopics(t, testPartitions)
 	log := readConversions(t, addr)
 	now := time.Now()
-	sameKey := func(at time.Time, partition int) string {
-		for {
-			id := schemas.NewID(at)
-			if bus.PartitionFor([]byte(id), testPartitions) == partition {
-				return id
-			}
-		}
-	}
 	// h1 waits for x1 ten minutes; h2 for x2 until 4 s + grace from now.
-	x1 := sameKey(now.Add(10*time.Minute), 0)
-	x2 := schemas.Click{V: schemas.Version, ClickID: sameKey(now.Add(4*time.Second), 0), TS: now.Add(4 * time.Second).UnixMilli(),
-		OfferID: 1, AdvertiserID: 1, AffID: 7}
-	h1 := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: x1, TS: now.Add(10 * time.Minute).UnixMilli(), AdvertiserID: 1}
-	h2 := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: x2.ClickID, TS: now.Add(time.Minute).UnixMilli(), AdvertiserID: 1}
-	produce(t, addr, bus.TopicPostbacks, []kafka.Message{
-		{Key: []byte(x1), Value: h1.AppendJSON(nil), Time: now},
-		{Key: []byte(x2.ClickID), Value: h2.AppendJSON(nil), Time: now},
-	})
+	h2, x2 := produceTwoWaiting(t, addr, now, 4*time.Second)
 	config := func(dir string) Config {
 		cfg := testConfig(t, addr, dir)
 		cfg.Grace = 3 * time.Second
@@ -831,4 +815,29 @@ func TestReturningMemberSeesPostbacksAnotherDecided(t *testing.T) {
 	if n := metricValue(t, cfgA.Registry, "trackstar_attributor_rebuilds_total"); n < 1 {
 		t.Errorf("A rebuilt %v partitions on its return, want partition 0 rebuilt", n)
 	}
+}
+
+// produceTwoWaiting produces two postbacks of partition 0 whose clicks
+// have not come: h1, waiting ten minutes for its click, and then h2, whose
+// click x2 is due after (it waits until then plus grace). It returns h2
+// and x2, to produce late.
+func produceTwoWaiting(t *testing.T, addr string, now time.Time, after time.Duration) (h2 schemas.Postback, x2 schemas.Click) {
+	t.Helper()
+	inPartition0 := func(at time.Time) string {
+		for {
+			if id := schemas.NewID(at); bus.PartitionFor([]byte(id), testPartitions) == 0 {
+				return id
+			}
+		}
+	}
+	x1 := inPartition0(now.Add(10 * time.Minute))
+	x2 = schemas.Click{V: schemas.Version, ClickID: inPartition0(now.Add(after)), TS: now.Add(after).UnixMilli(),
+		OfferID: 1, AdvertiserID: 1, AffID: 7}
+	h1 := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: x1, TS: now.Add(10 * time.Minute).UnixMilli(), AdvertiserID: 1}
+	h2 = schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: x2.ClickID, TS: now.Add(time.Minute).UnixMilli(), AdvertiserID: 1}
+	produce(t, addr, bus.TopicPostbacks, []kafka.Message{
+		{Key: []byte(x1), Value: h1.AppendJSON(nil), Time: now},
+		{Key: []byte(x2.ClickID), Value: h2.AppendJSON(nil), Time: now},
+	})
+	return h2, x2
 }

@@ -71,23 +71,7 @@ func TestStalledMemberDoesNotTakeAnothersConversionsForItsOwn(t *testing.T) {
 	addr := testenv.KafkaTopics(t, testPartitions)
 	log := readConversions(t, addr)
 	now := time.Now()
-	sameKey := func(at time.Time, partition int) string {
-		for {
-			id := schemas.NewID(at)
-			if bus.PartitionFor([]byte(id), testPartitions) == partition {
-				return id
-			}
-		}
-	}
-	x1 := sameKey(now.Add(10*time.Minute), 0)
-	x2 := schemas.Click{V: schemas.Version, ClickID: sameKey(now.Add(15*time.Second), 0), TS: now.Add(15 * time.Second).UnixMilli(),
-		OfferID: 1, AdvertiserID: 1, AffID: 7}
-	h1 := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: x1, TS: now.Add(10 * time.Minute).UnixMilli(), AdvertiserID: 1}
-	h2 := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(now), ClickID: x2.ClickID, TS: now.Add(time.Minute).UnixMilli(), AdvertiserID: 1}
-	produce(t, addr, bus.TopicPostbacks, []kafka.Message{
-		{Key: []byte(x1), Value: h1.AppendJSON(nil), Time: now},
-		{Key: []byte(x2.ClickID), Value: h2.AppendJSON(nil), Time: now},
-	})
+	h2, x2 := produceTwoWaiting(t, addr, now, 15*time.Second)
 
 	// A, a process of its own, holds both postbacks.
 	dirA := t.TempDir()
@@ -176,21 +160,8 @@ func TestOwnBurstIsNotMarkedStale(t *testing.T) {
 	defer func(n int64) { maxOwnCheck = n }(maxOwnCheck)
 	maxOwnCheck = 1000
 	addr := testenv.KafkaTopics(t, testPartitions)
-	db, err := openStore(filepath.Join(t.TempDir(), "a"), StoreOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	a := &attributor{
-		cfg:    Config{Brokers: []string{addr}, Grace: time.Second},
-		log:    slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-		db:     db,
-		m:      newMetrics(prometheus.NewRegistry()),
-		client: &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second},
-	}
-	w := &worker{a: a, id: 0}
-	w.p = newPartition(db, 0, time.Second, a.m)
-	w.p.meta.ConversionsEnd = 0
+	w := newTestWorker(t, addr)
+	db := w.a.db
 
 	n := 5 * int(maxOwnCheck)
 	wr := &kafka.Writer{Addr: kafka.TCP(addr), Topic: bus.TopicConversions,
@@ -239,21 +210,7 @@ func TestSlowBrokerIsNotAskedAtEveryCommit(t *testing.T) {
 		}
 		return nil
 	})
-	db, err := openStore(filepath.Join(t.TempDir(), "a"), StoreOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	a := &attributor{
-		cfg:    Config{Brokers: []string{addr}, Grace: time.Second},
-		log:    slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-		db:     db,
-		m:      newMetrics(prometheus.NewRegistry()),
-		client: &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second},
-	}
-	w := &worker{a: a, id: 0}
-	w.p = newPartition(db, 0, time.Second, a.m)
-	w.p.meta.ConversionsEnd = 0
+	w := newTestWorker(t, addr)
 	slow.Store(true)
 	// What commitGroup does at each commit (CommitInterval, 1 s by default).
 	commits, noted := 0, 0
@@ -279,21 +236,7 @@ func TestSlowBrokerIsNotAskedAtEveryCommit(t *testing.T) {
 func TestOwnConversionExpiredBeforeTheNoteIsNotStale(t *testing.T) {
 	addr := testenv.KafkaTopics(t, testPartitions)
 	cat := loadTestCatalog(t)
-	db, err := openStore(filepath.Join(t.TempDir(), "a"), StoreOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	a := &attributor{
-		cfg:    Config{Brokers: []string{addr}, Grace: time.Second},
-		log:    slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-		db:     db,
-		m:      newMetrics(prometheus.NewRegistry()),
-		client: &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second},
-	}
-	w := &worker{a: a, id: 0}
-	w.p = newPartition(db, 0, time.Second, a.m)
-	w.p.meta.ConversionsEnd = 0
+	w := newTestWorker(t, addr)
 	now := time.Now()
 	old := now.Add(-keepFor(cat, time.Second) - time.Hour)
 	pb := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(old), ClickID: schemas.NewID(old.Add(-time.Minute)),
@@ -328,4 +271,27 @@ func TestOwnConversionExpiredBeforeTheNoteIsNotStale(t *testing.T) {
 	if got := w.p.meta.ConversionsEnd; got != 1 {
 		t.Fatalf("the partition holds one conversion, this member's own: the mark is %d, want 1 (staleMark %d)", got, staleMark)
 	}
+}
+
+// newTestWorker is the worker of partition 0 of an attributor of its own
+// (a store, metrics, a client of addr) that has seen none of the
+// partition's conversions yet: meta.ConversionsEnd 0.
+func newTestWorker(t *testing.T, addr string) *worker {
+	t.Helper()
+	db, err := openStore(filepath.Join(t.TempDir(), "a"), StoreOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	a := &attributor{
+		cfg:    Config{Brokers: []string{addr}, Grace: time.Second},
+		log:    slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		db:     db,
+		m:      newMetrics(prometheus.NewRegistry()),
+		client: &kafka.Client{Addr: kafka.TCP(addr), Timeout: 10 * time.Second},
+	}
+	w := &worker{a: a, id: 0}
+	w.p = newPartition(db, 0, time.Second, a.m)
+	w.p.meta.ConversionsEnd = 0
+	return w
 }

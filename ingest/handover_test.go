@@ -29,56 +29,15 @@ import (
 // left it: the edge stayed in spool mode, and /readyz degraded, for as
 // long as the load lasted.)
 func TestSpoolHandsOverUnderSteadyLoad(t *testing.T) {
-	broker := testenv.KafkaTopics(t, testPartitions)
-	dir := t.TempDir()
-	sp, err := openSpool(filepath.Join(dir, spoolDirName), 1<<30, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sp.append(topicClicks, schemas.AppendNewID(nil, time.Now()), []byte(`{"v":1}`), time.Now()); err != nil {
-		t.Fatal(err)
-	}
-	sp.close()
-	te := startEdge(t, broker, dir, nil) // starts with one event spooled
-	p := te.edge.prod
-
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
-	defer cancel()
-	var sent, failed atomic.Int64
-	var wg sync.WaitGroup
-	for range 64 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for ctx.Err() == nil {
-				ev := p.get(topicClicks)
-				ev.key = schemas.AppendNewID(ev.key[:0], time.Now())
-				ev.value = append(ev.value[:0], `{"v":1}`...)
-				if err := p.send(ev); err == nil {
-					sent.Add(1)
-				} else {
-					failed.Add(1)
-				}
-				p.put(ev)
-			}
-		}()
-	}
-	start := time.Now()
-	left := time.Duration(-1)
-	for ctx.Err() == nil && left < 0 {
-		if !te.edge.sp.active.Load() {
-			left = time.Since(start)
-		}
-		time.Sleep(time.Millisecond)
-	}
-	<-ctx.Done()
-	wg.Wait()
-	t.Logf("%d events sent, %d failed; spool mode left after %v", sent.Load(), failed.Load(), left)
+	te := edgeInSpoolMode(t, 0)
+	l := sendFor(te.edge.prod, 4*time.Second, 64, 0)
+	left := l.spoolLeftAfter(te)
+	t.Logf("%d events sent, %d failed; spool mode left after %v", l.sent.Load(), l.failed.Load(), left)
 	if left < 0 {
-		t.Fatalf("Kafka healthy, yet the edge stayed in spool mode for all 4 s of load (%d events sent)", sent.Load())
+		t.Fatalf("Kafka healthy, yet the edge stayed in spool mode for all 4 s of load (%d events sent)", l.sent.Load())
 	}
-	if failed.Load() > 0 {
-		t.Errorf("%d events failed", failed.Load())
+	if l.failed.Load() > 0 {
+		t.Errorf("%d events failed", l.failed.Load())
 	}
 }
 
@@ -213,57 +172,12 @@ func TestHungBrokerMakesNoRequestWaitForAHandover(t *testing.T) {
 // 100 ms at most, less than one round: every handover ended with them
 // spooled, and the edge stayed in spool mode, /readyz degraded.)
 func TestSpoolHandsOverWithASlowBroker(t *testing.T) {
-	broker := testenv.KafkaControlled(t, testPartitions, kmsg.Produce, func(c *kfake.Cluster, _ kmsg.Request) kmsg.Response {
-		c.SleepControl(func() { time.Sleep(150 * time.Millisecond) })
-		return nil
-	})
-	dir := t.TempDir()
-	sp, err := openSpool(filepath.Join(dir, spoolDirName), 1<<30, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sp.append(topicClicks, schemas.AppendNewID(nil, time.Now()), []byte(`{"v":1}`), time.Now()); err != nil {
-		t.Fatal(err)
-	}
-	sp.close()
-	te := startEdge(t, broker, dir, nil) // starts with one event spooled; ProduceTimeout 1 s
-	p := te.edge.prod
-
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Second)
-	defer cancel()
-	var sent, failed atomic.Int64
-	var wg sync.WaitGroup
-	for range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for ctx.Err() == nil {
-				ev := p.get(topicClicks)
-				ev.key = schemas.AppendNewID(ev.key[:0], time.Now())
-				ev.value = append(ev.value[:0], `{"v":1}`...)
-				if err := p.send(ev); err == nil {
-					sent.Add(1)
-				} else {
-					failed.Add(1)
-				}
-				p.put(ev)
-				time.Sleep(5 * time.Millisecond) // ~3000 events/s at most in all
-			}
-		}()
-	}
-	start := time.Now()
-	left := time.Duration(-1)
-	for ctx.Err() == nil && left < 0 {
-		if !te.edge.sp.active.Load() {
-			left = time.Since(start)
-		}
-		time.Sleep(time.Millisecond)
-	}
-	<-ctx.Done()
-	wg.Wait()
-	t.Logf("%d events sent, %d failed; spool mode left after %v", sent.Load(), failed.Load(), left)
+	te := edgeInSpoolMode(t, 150*time.Millisecond) // ProduceTimeout 1 s
+	l := sendFor(te.edge.prod, 6*time.Second, 16, 5*time.Millisecond)
+	left := l.spoolLeftAfter(te)
+	t.Logf("%d events sent, %d failed; spool mode left after %v", l.sent.Load(), l.failed.Load(), left)
 	if left < 0 {
-		t.Fatalf("broker acks in 150 ms (produce timeout 1 s), yet the edge stayed in spool mode for all 6 s of load (%d events sent)", sent.Load())
+		t.Fatalf("broker acks in 150 ms (produce timeout 1 s), yet the edge stayed in spool mode for all 6 s of load (%d events sent)", l.sent.Load())
 	}
 }
 
@@ -273,51 +187,13 @@ func TestSpoolHandsOverWithASlowBroker(t *testing.T) {
 // the edge went in and out of spool mode, and the events handed over were
 // spooled at the produce timeout, a second after they were sent.)
 func TestVerySlowBrokerMakesNoRequestWaitOutTheTimeout(t *testing.T) {
-	broker := testenv.KafkaControlled(t, testPartitions, kmsg.Produce, func(c *kfake.Cluster, _ kmsg.Request) kmsg.Response {
-		c.SleepControl(func() { time.Sleep(350 * time.Millisecond) })
-		return nil
-	})
-	dir := t.TempDir()
-	sp, err := openSpool(filepath.Join(dir, spoolDirName), 1<<30, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sp.append(topicClicks, schemas.AppendNewID(nil, time.Now()), []byte(`{"v":1}`), time.Now()); err != nil {
-		t.Fatal(err)
-	}
-	sp.close()
-	te := startEdge(t, broker, dir, nil) // starts with one event spooled; ProduceTimeout 1 s
-	p := te.edge.prod
-
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
-	defer cancel()
-	var sends, slow atomic.Int64
-	var wg sync.WaitGroup
-	for range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for ctx.Err() == nil {
-				ev := p.get(topicClicks)
-				ev.key = schemas.AppendNewID(ev.key[:0], time.Now())
-				ev.value = append(ev.value[:0], `{"v":1}`...)
-				start := time.Now()
-				if err := p.send(ev); err != nil {
-					t.Errorf("send: %v", err)
-				}
-				if time.Since(start) >= p.timeout {
-					slow.Add(1)
-				}
-				sends.Add(1)
-				p.put(ev)
-				time.Sleep(5 * time.Millisecond)
-			}
-		}()
-	}
-	wg.Wait()
-	t.Logf("%d sends, %d took the produce timeout or more", sends.Load(), slow.Load())
-	if slow.Load() > 0 {
-		t.Fatalf("%d of %d sends took the %v produce timeout or more, with a broker acking in 350 ms", slow.Load(), sends.Load(), p.timeout)
+	te := edgeInSpoolMode(t, 350*time.Millisecond) // ProduceTimeout 1 s
+	l := sendFor(te.edge.prod, 8*time.Second, 16, 5*time.Millisecond)
+	l.wait()
+	t.Logf("%d sends (%d failed), %d took the produce timeout or more", l.sent.Load(), l.failed.Load(), l.slow.Load())
+	if l.slow.Load() > 0 || l.failed.Load() > 0 {
+		t.Fatalf("%d of %d sends took the %v produce timeout or more (%d failed), with a broker acking in 350 ms",
+			l.slow.Load(), l.sent.Load(), te.edge.prod.timeout, l.failed.Load())
 	}
 }
 
@@ -375,4 +251,81 @@ func TestNoHandoverAfterASlowRound(t *testing.T) {
 	if 3*round > p.timeout && handover {
 		t.Fatalf("a handover began after a drain round of %v (> a third of the %v produce timeout)", round, p.timeout)
 	}
+}
+
+// edgeInSpoolMode starts an edge whose spool holds one event, over a
+// broker that acks every produce request after delay (0: at once).
+func edgeInSpoolMode(t *testing.T, delay time.Duration) *testEdge {
+	t.Helper()
+	broker := testenv.KafkaControlled(t, testPartitions, kmsg.Produce, func(c *kfake.Cluster, _ kmsg.Request) kmsg.Response {
+		if delay > 0 {
+			c.SleepControl(func() { time.Sleep(delay) })
+		}
+		return nil
+	})
+	dir := t.TempDir()
+	sp, err := openSpool(filepath.Join(dir, spoolDirName), 1<<30, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sp.append(topicClicks, schemas.AppendNewID(nil, time.Now()), []byte(`{"v":1}`), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	sp.close()
+	return startEdge(t, broker, dir, nil)
+}
+
+// load is what sendFor's senders did.
+type load struct {
+	ctx                context.Context
+	wg                 sync.WaitGroup
+	sent, failed, slow atomic.Int64 // slow: took the produce timeout or more
+	left               time.Duration
+}
+
+// sendFor has senders goroutines hand clicks to p for d, each pausing
+// between its sends; the returned load counts them.
+func sendFor(p *producer, d time.Duration, senders int, pause time.Duration) *load {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	l := &load{ctx: ctx, left: -1}
+	for range senders {
+		l.wg.Go(func() {
+			for ctx.Err() == nil {
+				ev := p.get(topicClicks)
+				ev.key = schemas.AppendNewID(ev.key[:0], time.Now())
+				ev.value = append(ev.value[:0], `{"v":1}`...)
+				start := time.Now()
+				if err := p.send(ev); err == nil {
+					l.sent.Add(1)
+				} else {
+					l.failed.Add(1)
+				}
+				if time.Since(start) >= p.timeout {
+					l.slow.Add(1)
+				}
+				p.put(ev)
+				time.Sleep(pause)
+			}
+		})
+	}
+	go func() { l.wg.Wait(); cancel() }()
+	return l
+}
+
+// wait waits for the senders to stop.
+func (l *load) wait() { <-l.ctx.Done(); l.wg.Wait() }
+
+// spoolLeftAfter watches te's spool while the load runs and returns how
+// long after its start the edge left spool mode (-1: never; also kept in
+// l.left), once the senders have stopped.
+func (l *load) spoolLeftAfter(te *testEdge) time.Duration {
+	start := time.Now()
+	for l.ctx.Err() == nil && l.left < 0 {
+		if !te.edge.sp.active.Load() {
+			l.left = time.Since(start)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	l.wait()
+	return l.left
 }
