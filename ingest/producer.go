@@ -392,6 +392,11 @@ func (p *producer) drain() {
 			// and the produce after it would not fit in it, and the edge
 			// would go in and out of spool mode.
 			p.spool.beginHandover()
+		} else if !mayHandOver {
+			// Kafka failed the round, or took too long for a handover
+			// begun before to finish in time: the waiting events are
+			// spooled after all.
+			p.spool.endHandover()
 		}
 		if rerr := p.spool.remove(acked); rerr != nil {
 			p.log.Error("cannot delete drained events from the spool; they will be produced again", "err", rerr)
@@ -405,7 +410,6 @@ func (p *producer) drain() {
 		drained += len(acked)
 		tookLast = mayHandOver
 		if err != nil {
-			p.spool.endHandover() // the waiting events are spooled after all
 			if p.ctx.Err() != nil {
 				return
 			}
