@@ -515,7 +515,7 @@ const staleMark = -2
 
 // noteConversionsEnd moves meta.ConversionsEnd on to the end of the
 // partition's conversions, for the next write of the meta record, across
-// records it checks are this store's own (ownBetween): those it sent
+// records it checks are this store's own (ownUpTo): those it sent
 // since, whose replay records that write syncs. One that is not (another
 // member took the partition over while this one stalled) marks the state
 // stale instead. Left as it was when the broker does not answer:
