@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -262,15 +264,20 @@ func (d *dispatcher) dropLearnFailure(partition int) {
 func (d *dispatcher) learnHealth() error {
 	d.learnedMu.Lock()
 	defer d.learnedMu.Unlock()
-	if len(d.learnFailing) == 0 {
-		return nil
+	if parts, err := failingPartitions(d.learnFailing); err != nil {
+		return fmt.Errorf("partitions %v not read: cannot read their recent deliveries first: %w", parts, err)
 	}
-	parts := make([]int, 0, len(d.learnFailing))
-	for p := range d.learnFailing {
-		parts = append(parts, p)
+	return nil
+}
+
+// failingPartitions returns the partitions of errs in order, and the
+// error of the first; nil when errs is empty.
+func failingPartitions(errs map[int]error) ([]int, error) {
+	if len(errs) == 0 {
+		return nil, nil
 	}
-	sort.Ints(parts)
-	return fmt.Errorf("partitions %v not read: cannot read their recent deliveries first: %w", parts, d.learnFailing[parts[0]])
+	parts := slices.Sorted(maps.Keys(errs))
+	return parts, errs[parts[0]]
 }
 
 // learn runs learnPartition for a partition new to this member, retrying

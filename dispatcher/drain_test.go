@@ -5,7 +5,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -110,38 +109,10 @@ func TestDrainRetriesSendsTheScheduleAndStops(t *testing.T) {
 // sent, before the drain started or while it ran: it follows the group's
 // delivery records as it goes.
 func TestDrainDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
-	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
-		if r.URL.Query().Get("st") == schemas.StatusPending {
-			w.WriteHeader(http.StatusServiceUnavailable)
-		}
-	})
-	addr := testenv.KafkaTopics(t, 1)
-	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	cat := holder(t, true, "5s", "[3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s, 3s]",
-		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}&st={status}", "statuses: [pending, approved]"))
-	approval := func(c schemas.Conversion) schemas.Conversion {
-		c.Version, c.Status = 2, schemas.StatusApproved
-		return c
-	}
-
-	// Member A schedules the retries of two pending statuses, and leaves.
-	data := t.TempDir()
-	_, stopA := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: data, Catalog: cat})
-	before, during := newConversion(7), newConversion(7)
-	before.Status, during.Status = schemas.StatusPending, schemas.StatusPending
-	produce(t, addr, before, during)
-	waitFor(t, "both pending statuses' failed attempts", func() bool {
-		return recs.hasOutcome(t, before.ConversionID, schemas.OutcomeRetrying) &&
-			recs.hasOutcome(t, during.ConversionID, schemas.OutcomeRetrying)
-	})
-	stopA()
-
-	// Member B delivers the approval of one before the drain starts...
-	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
-	produce(t, addr, approval(before))
-	waitFor(t, "the first approval delivered", func() bool {
-		return recs.hasOutcome(t, before.ConversionID, schemas.OutcomeDelivered)
-	})
+	// Member A schedules the retries of two pending statuses, and leaves;
+	// member B delivers the approval of one before the drain starts...
+	sc := newOlderStatusScene(t, "3s")
+	p, addr, cat, data, during := sc.p, sc.addr, sc.cat, sc.dataA, sc.during
 
 	// ...and of the other while the drain runs, right after the drain has
 	// tried its pending status (the next try is 3 s later).
@@ -159,21 +130,7 @@ func TestDrainDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
 		t.Fatalf("the drain returned %v (context: %v), want nil once its schedule is empty", err, ctx.Err())
 	}
 
-	for _, c := range []schemas.Conversion{before, during} {
-		sts := p.statusesFor(c.ConversionID)
-		if len(sts) < 2 || sts[len(sts)-1] != schemas.StatusApproved || slices.Index(sts, schemas.StatusApproved) != len(sts)-1 {
-			t.Errorf("conversion %s: the partner got statuses %v, want the pending ones, then approved last", c.ConversionID, sts)
-		}
-		var last schemas.Delivery
-		for _, d := range recs.deliveries(t, c.ConversionID) {
-			if d.Version == 1 {
-				last = d
-			}
-		}
-		if last.Outcome != schemas.OutcomeFailed || last.Error != "not sent: superseded by version 2 of the conversion" {
-			t.Errorf("conversion %s: the pending status ended %s %q, want failed, superseded", c.ConversionID, last.Outcome, last.Error)
-		}
-	}
+	sc.check(t)
 }
 
 // A drain reads the group's deliveries back to its oldest scheduled

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
 	"sync"
 	"time"
 
@@ -323,15 +322,10 @@ func (d *dispatcher) followFailing(q int) bool {
 func (d *dispatcher) followHealth() error {
 	d.followMu.Lock()
 	defer d.followMu.Unlock()
-	if len(d.followErrs) == 0 {
-		return nil
+	if _, err := failingPartitions(d.followErrs); err != nil {
+		return fmt.Errorf("cannot follow the group's deliveries, so retries may wait or an older status be sent after a newer one: %w", err)
 	}
-	qs := make([]int, 0, len(d.followErrs))
-	for q := range d.followErrs {
-		qs = append(qs, q)
-	}
-	sort.Ints(qs)
-	return fmt.Errorf("cannot follow the group's deliveries, so retries may wait or an older status be sent after a newer one: %w", d.followErrs[qs[0]])
+	return nil
 }
 
 // followPause waits a second before followDeliveries tries again; it

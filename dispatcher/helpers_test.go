@@ -21,6 +21,7 @@ import (
 	"github.com/trackstar/trackstar/dispatcher"
 	"github.com/trackstar/trackstar/internal/bus"
 	"github.com/trackstar/trackstar/internal/catalog"
+	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
 
@@ -377,4 +378,82 @@ func settled(t testing.TB, reg *prometheus.Registry) bool {
 	return metric(t, reg, "trackstar_dispatcher_queue_depth") == 0 &&
 		metric(t, reg, "trackstar_dispatcher_inflight_requests") == 0 &&
 		metric(t, reg, "trackstar_dispatcher_retries_pending") == 0
+}
+
+// olderStatusScene is where a retry of an older status meets a newer one
+// another member sent: member A (data directory dataA) scheduled the
+// retries of two pending statuses, before and during, its partner
+// refusing pending ones, and stopped; member B, alone, then delivered the
+// approval of before.
+type olderStatusScene struct {
+	p              *partner
+	addr           string
+	recs           *collector
+	cat            *catalog.Holder
+	dataA          string
+	before, during schemas.Conversion
+}
+
+// newOlderStatusScene sets the scene up, A's retries every backoff.
+func newOlderStatusScene(t *testing.T, backoff string) *olderStatusScene {
+	t.Helper()
+	sc := &olderStatusScene{dataA: t.TempDir()}
+	sc.p = newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
+		if r.URL.Query().Get("st") == schemas.StatusPending {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	sc.addr = testenv.KafkaTopics(t, 1)
+	sc.recs = collect(t, sc.addr, bus.TopicDeliveries, 1)
+	sc.cat = holder(t, true, "5s", "["+strings.TrimSuffix(strings.Repeat(backoff+", ", 10), ", ")+"]",
+		affiliate(7, sc.p.srv.URL+"/pb?tx={conversion_id}&st={status}", "statuses: [pending, approved]"))
+
+	_, stopA := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{sc.addr}, DataDir: sc.dataA, Catalog: sc.cat})
+	sc.before, sc.during = newConversion(7), newConversion(7)
+	sc.before.Status, sc.during.Status = schemas.StatusPending, schemas.StatusPending
+	produce(t, sc.addr, sc.before, sc.during)
+	waitFor(t, "both pending statuses' failed attempts", func() bool {
+		return sc.recs.hasOutcome(t, sc.before.ConversionID, schemas.OutcomeRetrying) &&
+			sc.recs.hasOutcome(t, sc.during.ConversionID, schemas.OutcomeRetrying)
+	})
+	stopA()
+
+	startDispatcher(t, dispatcher.Config{Brokers: []string{sc.addr}, Catalog: sc.cat})
+	produce(t, sc.addr, approval(sc.before))
+	waitFor(t, "the first approval delivered", func() bool {
+		return sc.recs.hasOutcome(t, sc.before.ConversionID, schemas.OutcomeDelivered)
+	})
+	return sc
+}
+
+// approval is version 2 of c, approved.
+func approval(c schemas.Conversion) schemas.Conversion {
+	c.Version, c.Status = 2, schemas.StatusApproved
+	return c
+}
+
+// superseded reports whether c's pending status ended as not sent,
+// superseded by its approval.
+func (sc *olderStatusScene) superseded(t *testing.T, c schemas.Conversion) bool {
+	var last schemas.Delivery
+	for _, d := range sc.recs.deliveries(t, c.ConversionID) {
+		if d.Version == 1 {
+			last = d
+		}
+	}
+	return last.Outcome == schemas.OutcomeFailed && last.Error == "not sent: superseded by version 2 of the conversion"
+}
+
+// check fails t unless the partner got both conversions' approvals after
+// every pending status, and each pending status ended superseded.
+func (sc *olderStatusScene) check(t *testing.T) {
+	t.Helper()
+	for _, c := range []schemas.Conversion{sc.before, sc.during} {
+		if sts := sc.p.statusesFor(c.ConversionID); len(sts) < 2 || slices.Index(sts, schemas.StatusApproved) != len(sts)-1 {
+			t.Errorf("conversion %s: the partner got statuses %v, want the pending ones, then approved last", c.ConversionID, sts)
+		}
+		if !sc.superseded(t, c) {
+			t.Errorf("conversion %s: its pending status did not end superseded by version 2", c.ConversionID)
+		}
+	}
 }

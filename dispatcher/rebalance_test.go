@@ -195,69 +195,25 @@ func TestNextOwnerDoesNotSendAnOlderStatusAfterANewer(t *testing.T) {
 // delivery records. (Before, the restarted member sent its retries at
 // once, and without the partition it never learned of the newer status.)
 func TestRetryOfAnOlderStatusSeesAnotherMembersNewer(t *testing.T) {
-	p := newPartner(t, func(w http.ResponseWriter, r *http.Request, nth int) {
-		if r.URL.Query().Get("st") == schemas.StatusPending {
-			w.WriteHeader(http.StatusServiceUnavailable)
-		}
-	})
-	addr := testenv.KafkaTopics(t, 1)
-	recs := collect(t, addr, bus.TopicDeliveries, 1)
-	cat := holder(t, true, "5s", "[2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s]",
-		affiliate(7, p.srv.URL+"/pb?tx={conversion_id}&st={status}", "statuses: [pending, approved]"))
-	approval := func(c schemas.Conversion) schemas.Conversion {
-		c.Version, c.Status = 2, schemas.StatusApproved
-		return c
-	}
-
-	// Member A schedules the retries of two pending statuses and stops.
-	dataA := t.TempDir()
-	_, stopA := startStoppableDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: dataA, Catalog: cat})
-	before, during := newConversion(7), newConversion(7)
-	before.Status, during.Status = schemas.StatusPending, schemas.StatusPending
-	produce(t, addr, before, during)
-	waitFor(t, "both pending statuses' failed attempts", func() bool {
-		return recs.hasOutcome(t, before.ConversionID, schemas.OutcomeRetrying) &&
-			recs.hasOutcome(t, during.ConversionID, schemas.OutcomeRetrying)
-	})
-	stopA()
-
-	// Member B, alone, delivers the approval of one; A comes back (with
+	// Member A schedules the retries of two pending statuses and stops;
+	// member B, alone, delivers the approval of one; A comes back (with
 	// the partition or without it) while the other's approval is sent.
-	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, Catalog: cat})
-	produce(t, addr, approval(before))
-	waitFor(t, "the first approval delivered", func() bool {
-		return recs.hasOutcome(t, before.ConversionID, schemas.OutcomeDelivered)
-	})
+	sc := newOlderStatusScene(t, "2s")
+	p, addr, cat, dataA, during := sc.p, sc.addr, sc.cat, sc.dataA, sc.during
 	tried := len(p.requestsFor(during.ConversionID))
 	startDispatcher(t, dispatcher.Config{Brokers: []string{addr}, DataDir: dataA, Catalog: cat})
 	waitFor(t, "A to try the second pending status again", func() bool { return len(p.requestsFor(during.ConversionID)) > tried })
 	produce(t, addr, approval(during))
 
-	superseded := func(c schemas.Conversion) bool {
-		for _, d := range recs.deliveries(t, c.ConversionID) {
-			if d.Version == 1 && d.Outcome == schemas.OutcomeFailed {
-				return d.Error == "not sent: superseded by version 2 of the conversion"
-			}
-		}
-		return false
-	}
 	// A's retries come every 2 s: each has been tried again well before
 	// this deadline, and ended once it learned of the approval.
 	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		if superseded(before) && superseded(during) {
+		if sc.superseded(t, sc.before) && sc.superseded(t, during) {
 			break
 		}
 	}
 	time.Sleep(time.Second) // a pending status sent after all would be seen by now
-	for _, c := range []schemas.Conversion{before, during} {
-		sts := p.statusesFor(c.ConversionID)
-		if len(sts) < 2 || slices.Index(sts, schemas.StatusApproved) != len(sts)-1 {
-			t.Errorf("conversion %s: the partner got statuses %v, want the pending ones, then approved last", c.ConversionID, sts)
-		}
-		if !superseded(c) {
-			t.Errorf("conversion %s: its pending status did not end superseded by version 2", c.ConversionID)
-		}
-	}
+	sc.check(t)
 }
 
 // A restarted dispatcher reads the group's deliveries on from where it

@@ -530,25 +530,7 @@ func TestSpoolKeepsOrderAcrossReopen(t *testing.T) {
 }
 
 func TestSlowKafkaSpoolsAfterTheProduceTimeout(t *testing.T) {
-	addr := freeAddr(t)
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "TRACKSTAR_TEST_BROKER_CHILD="+addr)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	waitFor(t, "the broker process listens", func() error {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err
-	})
-	testenv.CreateTopics(t, addr, testPartitions)
+	addr, cmd := startBrokerChild(t)
 	te := startEdge(t, addr, t.TempDir(), func(c *Config) { c.ProduceTimeout = 300 * time.Millisecond })
 
 	orderedClick := schemas.NewID(time.Now())
@@ -721,4 +703,31 @@ func TestDrainerWaitsForAnEventAbandonedDuringItsRead(t *testing.T) {
 	}
 	p.abandoned.Add(-1) // the original settles
 	waitRecords(t, broker, bus.TopicClicks, []string{first, late})
+}
+
+// startBrokerChild runs an embedded broker with the Trackstar topics in a
+// process of its own (this test binary, see TestMain), which a test can
+// stop with SIGSTOP as a hung broker, and returns its address.
+func startBrokerChild(t *testing.T) (string, *exec.Cmd) {
+	t.Helper()
+	addr := freeAddr(t)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "TRACKSTAR_TEST_BROKER_CHILD="+addr)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	waitFor(t, "the broker process listens", func() error {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+	testenv.CreateTopics(t, addr, testPartitions)
+	return addr, cmd
 }

@@ -5,9 +5,6 @@ import (
 	"encoding/binary"
 	"io"
 	"log/slog"
-	"net"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -112,25 +109,7 @@ func TestSpoolReadSkipsDrainedEvents(t *testing.T) {
 // as soon as its read found less than a batch, and then hung in its
 // drain: every request waited out the produce timeout at the gate.)
 func TestHungBrokerMakesNoRequestWaitForAHandover(t *testing.T) {
-	addr := freeAddr(t)
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "TRACKSTAR_TEST_BROKER_CHILD="+addr)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	waitFor(t, "the broker process listens", func() error {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err
-	})
-	testenv.CreateTopics(t, addr, testPartitions)
+	addr, cmd := startBrokerChild(t)
 	te := startEdge(t, addr, t.TempDir(), func(c *Config) { c.ProduceTimeout = 300 * time.Millisecond })
 	var tr traffic
 	tr.send(t, te.url, 3)
