@@ -34,6 +34,9 @@ type Slot struct {
 	// (an update's currency is the offer's again); it stays in the stored
 	// slot encoding, which existing stores hold.
 	Currency string
+	// TS is the time the edge took the postback behind this version (Unix
+	// milliseconds); 0 in a slot stored before it was kept.
+	TS int64
 }
 
 // Slots is what Decide may read of the earlier conversions.
@@ -69,8 +72,9 @@ type Decision struct {
 // ctit_too_short, currency_mismatch (a currency other than the offer's),
 // then deduplication against the slot: a different click
 // already holding the txn_id, or the same status again, is a duplicate; a
-// different status updates the slot's conversion (same conversion_id,
-// version+1). A postback with status rejected is advertiser_rejected, and
+// spooled postback the edge took before the slot's current one is
+// superseded; a different status updates the slot's conversion (same
+// conversion_id, version+1). A postback with status rejected is advertiser_rejected, and
 // takes or updates the slot like any other status.
 func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas.Postback) Decision {
 	goalID := pb.Goal
@@ -167,6 +171,15 @@ func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas
 		if prev.Status == status {
 			return reject(schemas.RejectDuplicate)
 		}
+		if pb.Spooled && pb.TS < prev.TS {
+			// The edge answered this postback before the one behind the
+			// current status, but only its spool brought it to Kafka, after
+			// that one (two edges, Kafka down). The advertiser's order is
+			// the edges' answers: the newer status stands. An update that
+			// did not wait in a spool keeps Kafka's order, which is the
+			// order of its answers, whatever the edges' clocks say.
+			return reject(schemas.RejectSuperseded)
+		}
 		c.ConversionID, c.Version = prev.ConversionID, prev.Version+1
 		if !hasAmount {
 			c.SaleAmount = prev.SaleAmount
@@ -223,5 +236,6 @@ func slotOf(c *schemas.Conversion) Slot {
 		ClickID:      c.ClickID,
 		SaleAmount:   c.SaleAmount,
 		Currency:     c.Currency,
+		TS:           c.TS,
 	}
 }

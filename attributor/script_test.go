@@ -38,10 +38,11 @@ import (
 //	click NAME offer=N [adv=N] [aff=N] [at=DUR] [source=S] [sub1=S]
 //	    adv defaults to the offer's advertiser, aff to 7.
 //	postback NAME click=NAME [clickat=DUR] [adv=N] [at=DUR] [goal=G] [amount=A]
-//	    [currency=C] [txn=T] [status=S] [upper]
+//	    [currency=C] [txn=T] [status=S] [upper] [spooled]
 //	    A click name never clicked in the block gets an ID minted at
 //	    clickat (default: the postback's time). adv defaults to the
-//	    click's advertiser, else 1. upper sends the click ID in upper case.
+//	    click's advertiser, else 1. upper sends the click ID in upper case;
+//	    spooled marks the postback as an edge's spool does.
 //
 // partition.txt runs the blocks through a partition over a real (in
 // memory) Pebble store, and also knows:
@@ -383,6 +384,7 @@ func (s *script) postbackCmd(name string, args map[string]string) {
 	if args["upper"] != "" {
 		pb.ClickID = strings.ToUpper(pb.ClickID)
 	}
+	pb.Spooled = args["spooled"] != ""
 	s.pbTS[pb.EventID] = pb.TS
 	value := pb.AppendJSON(nil)
 	s.postback[name] = value
@@ -455,7 +457,7 @@ func (s *script) partitionCmd(cmd, name string, args map[string]string) {
 				s.fatalf("restore: %v", err)
 			}
 		}
-		s.p.cut = minIDAt(since)
+		s.p.setCut(minIDAt(since))
 		for i, v := range s.clickLog {
 			if err := s.p.addClick(w, s.cat, int64(i), v); err != nil {
 				s.fatalf("rebuild: %v", err)

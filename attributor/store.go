@@ -162,7 +162,8 @@ func appendSlotValue(dst []byte, s *Slot) []byte {
 	dst = append(dst, code)
 	dst = appendString(dst, s.ClickID)
 	dst = binary.AppendVarint(dst, int64(s.SaleAmount))
-	return appendString(dst, s.Currency)
+	dst = appendString(dst, s.Currency)
+	return binary.AppendVarint(dst, s.TS)
 }
 
 func decodeSlotValue(b []byte) (Slot, error) {
@@ -178,6 +179,9 @@ func decodeSlotValue(b []byte) (Slot, error) {
 	s.ClickID = d.str()
 	s.SaleAmount = schemas.Amount(d.varint())
 	s.Currency = d.str()
+	if len(d.b) > 0 { // stores written before the time was kept end here
+		s.TS = d.varint()
+	}
 	return s, d.err
 }
 

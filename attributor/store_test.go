@@ -23,7 +23,7 @@ func TestValueCodecs(t *testing.T) {
 	}
 
 	for _, s := range []Slot{
-		{ConversionID: "a", Version: 1, Status: schemas.StatusApproved, ClickID: "c", SaleAmount: -5, Currency: "USD"},
+		{ConversionID: "a", Version: 1, Status: schemas.StatusApproved, ClickID: "c", SaleAmount: -5, Currency: "USD", TS: scriptT0.UnixMilli()},
 		{ConversionID: "b", Version: 1 << 31, Status: schemas.StatusPending},
 		{Status: schemas.StatusRejected, SaleAmount: 19_9900},
 	} {
@@ -31,6 +31,13 @@ func TestValueCodecs(t *testing.T) {
 		if err != nil || got != s {
 			t.Fatalf("slot round trip: %+v, %v; want %+v", got, err, s)
 		}
+	}
+	// A slot stored before the postback's time was kept ends at its
+	// currency: it reads with no time.
+	old := Slot{ConversionID: "a", Version: 2, Status: schemas.StatusPending, ClickID: "c", SaleAmount: 7, Currency: "EUR"}
+	v := appendSlotValue(nil, &old)
+	if got, err := decodeSlotValue(v[:len(v)-1]); err != nil || got != old {
+		t.Fatalf("slot of an older store: %+v, %v; want %+v", got, err, old)
 	}
 
 	m := meta{ClicksNext: 12, PostbacksNext: 0, OutboxSeq: 7, AttemptClicks: -1, AttemptPostbacks: -1, ConfirmedClicks: 3, ConfirmedPostbacks: 4}

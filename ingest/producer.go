@@ -291,7 +291,15 @@ func (p *producer) toSpool(ev *event, now time.Time) (produceResult, error) {
 // spool.appendWaiting); errHandedOver when the event is to go to Kafka.
 func (p *producer) spoolAt(ev *event, now, deadline time.Time) (produceResult, error) {
 	wasActive := p.spool.active.Load()
-	if err := p.spool.appendWaiting(ev.topic, ev.key, ev.value, now, deadline); err != nil {
+	value := ev.value
+	if ev.topic == topicPostbacks {
+		// Answered before Kafka has it, it may reach Kafka after a newer
+		// postback another edge took: the mark lets the attributor tell
+		// (see attributor.Decide). Kafka may still get the unmarked copy
+		// of an abandoned produce; the first to arrive decides.
+		value = schemas.MarkSpooled(make([]byte, 0, len(value)+16), value)
+	}
+	if err := p.spool.appendWaiting(ev.topic, ev.key, value, now, deadline); err != nil {
 		if errors.Is(err, errHandedOver) {
 			return resultFailed, err
 		}

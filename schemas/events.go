@@ -28,6 +28,10 @@ const (
 	// RejectCurrencyMismatch: the postback's amount is in another currency
 	// than its offer's, and Trackstar keeps no exchange rates.
 	RejectCurrencyMismatch = "currency_mismatch"
+	// RejectSuperseded: a status update that the edge took before the
+	// conversion's current status but that reached Kafka after it, through
+	// an edge's spool; the newer status stands.
+	RejectSuperseded = "superseded"
 )
 
 // Delivery outcomes of one partner postback attempt.
@@ -72,6 +76,10 @@ type Postback struct {
 	TxnID        string `json:"txn_id"`
 	Status       string `json:"status"` // approved, pending or rejected (the advertiser's word)
 	IP           string `json:"ip"`
+	// Spooled says the edge answered the postback before Kafka had it: it
+	// went through the edge's spool, so it may reach Kafka after postbacks
+	// other edges took later (see MarkSpooled).
+	Spooled bool `json:"spooled,omitempty"`
 }
 
 // Conversion is produced by the attributor, one per postback, whatever the

@@ -44,7 +44,22 @@ func (p *Postback) AppendJSON(dst []byte) []byte {
 	dst = appendStr(dst, `,"txn_id":`, p.TxnID)
 	dst = appendStr(dst, `,"status":`, p.Status)
 	dst = appendStr(dst, `,"ip":`, p.IP)
+	if p.Spooled {
+		dst = append(dst, `,"spooled":true`...)
+	}
 	return append(dst, '}')
+}
+
+// MarkSpooled appends to dst the postback event value (as AppendJSON wrote
+// it) with "spooled":true added, as if AppendJSON had written it with
+// Spooled set. The edge marks what it spools this way. A value that is not
+// a JSON object is appended unchanged.
+func MarkSpooled(dst, value []byte) []byte {
+	if len(value) < 2 || value[0] != '{' || value[len(value)-1] != '}' {
+		return append(dst, value...)
+	}
+	dst = append(dst, value[:len(value)-1]...)
+	return append(dst, `,"spooled":true}`...)
 }
 
 func appendInt(dst []byte, key string, v int64) []byte {

@@ -118,6 +118,18 @@ func TestHotPathEncodersMatchEncodingJSON(t *testing.T) {
 	if got := p.AppendJSON(nil); string(got) != string(want) {
 		t.Fatalf("postback:\n got %s\nwant %s", got, want)
 	}
+
+	// What the edge spools: the same event, marked.
+	marked := MarkSpooled(nil, p.AppendJSON(nil))
+	p.Spooled = true
+	want, _ = json.Marshal(&p)
+	if got := p.AppendJSON(nil); string(got) != string(want) || string(marked) != string(want) {
+		t.Fatalf("spooled postback:\n got %s\nmarked %s\n  want %s", got, marked, want)
+	}
+	back2, err := DecodePostback(marked)
+	if err != nil || back2 != p {
+		t.Fatalf("spooled round trip: %+v, %v", back2, err)
+	}
 }
 
 func TestID(t *testing.T) {

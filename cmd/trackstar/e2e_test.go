@@ -48,7 +48,7 @@ func freeAddr(t *testing.T) string {
 // approved conversion delivered once, and report totals equal to what was sent.
 func TestEndToEnd(t *testing.T) {
 	sink := freeAddr(t)
-	edge, chAddr, db := startAll(t, "testdata/e2e.yaml", sink)
+	edge, _, chAddr, db := startAll(t, "testdata/e2e.yaml", sink)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -169,10 +169,10 @@ func TestEndToEnd(t *testing.T) {
 // fresh ClickHouse database, and waits until its edge answers. It returns
 // the edge's address and the ClickHouse address and database. The process
 // is stopped (and its log shown if the test failed) when the test ends.
-func startAll(t *testing.T, cfgFile, sink string) (edge, chAddr, db string) {
+func startAll(t *testing.T, cfgFile, sink string) (edge, broker, chAddr, db string) {
 	t.Helper()
 	chAddr, db = testenv.ClickHouseDB(t)
-	edge, broker := freeAddr(t), freeAddr(t)
+	edge, broker = freeAddr(t), freeAddr(t)
 	dir := t.TempDir()
 
 	cfg, err := os.ReadFile(cfgFile)
@@ -225,7 +225,7 @@ func startAll(t *testing.T, cfgFile, sink string) (edge, chAddr, db string) {
 		resp.Body.Close()
 		return resp.StatusCode == 200
 	})
-	return edge, chAddr, db
+	return edge, broker, chAddr, db
 }
 
 func clickIDs(ctx context.Context, t *testing.T, conn driver.Conn) map[string]bool {

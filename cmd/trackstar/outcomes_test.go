@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/segmentio/kafka-go"
+
+	"github.com/trackstar/trackstar/internal/bus"
 	"github.com/trackstar/trackstar/internal/warehouse"
 	"github.com/trackstar/trackstar/schemas"
 )
@@ -21,7 +24,7 @@ import (
 // the report views agree.
 func TestEndToEndEveryOutcome(t *testing.T) {
 	const n = 150
-	edge, chAddr, db := startAll(t, "testdata/outcomes.yaml", "")
+	edge, broker, chAddr, db := startAll(t, "testdata/outcomes.yaml", "")
 	base := "http://" + edge
 	client := &http.Client{
 		Timeout:       30 * time.Second,
@@ -64,6 +67,12 @@ func TestEndToEndEveryOutcome(t *testing.T) {
 		}
 	}
 
+	// What the last scenario puts in Kafka as if from two edges' spools.
+	var drained struct {
+		sync.Mutex
+		msgs []kafka.Message
+	}
+
 	// Each scenario runs n times, each run one goroutine: its requests in
 	// order, as an advertiser would send them.
 	scenarios := map[string]func(){
@@ -91,6 +100,24 @@ func TestEndToEndEveryOutcome(t *testing.T) {
 		},
 		"too fast":      func() { postback(click(3), "adv-one") },
 		"unknown click": func() { postback(schemas.NewID(time.Now()), "adv-one") },
+		"two spools drained in the other order": func() {
+			// A pending and then its approval, taken by two edges while
+			// Kafka was down: the approval's edge drained first. What
+			// reaches Kafka is what the edges' spools hold.
+			id := click(1)
+			t0 := time.Now()
+			pending := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(t0), ClickID: id,
+				TS: t0.UnixMilli(), AdvertiserID: 1, Amount: "0", Status: schemas.StatusPending, Spooled: true}
+			time.Sleep(2 * time.Millisecond)
+			t1 := time.Now()
+			approved := pending
+			approved.EventID, approved.TS, approved.Status = schemas.NewID(t1), t1.UnixMilli(), schemas.StatusApproved
+			drained.Lock()
+			defer drained.Unlock()
+			for _, pb := range []schemas.Postback{approved, pending} {
+				drained.msgs = append(drained.msgs, kafka.Message{Key: []byte(id), Value: pb.AppendJSON(nil)})
+			}
+		},
 	}
 	sem := make(chan struct{}, 32)
 	var wg sync.WaitGroup
@@ -114,6 +141,11 @@ func TestEndToEndEveryOutcome(t *testing.T) {
 		run(f)
 	}
 	wg.Wait()
+	w := bus.NewWriter(bus.WriterConfig{Brokers: []string{broker}, Topic: bus.TopicPostbacks})
+	if err := w.WriteMessages(context.Background(), drained.msgs...); err != nil {
+		t.Fatalf("cannot produce the drained postbacks: %v", err)
+	}
+	w.Close()
 	time.Sleep(time.Until(started.Add(2500 * time.Millisecond)))
 	for _, id := range expiring {
 		wg.Add(1)
@@ -144,17 +176,17 @@ func TestEndToEndEveryOutcome(t *testing.T) {
 		return uint64(a.Units())
 	}
 	// approved: approved, pending then approved, the first of repeated, two
-	// sales; revenue 2.5 each (10% of 19.99 = 1.999 for a sale), payout
-	// 1.75 each (7% of 19.99 = 1.3993).
-	wantRevenue := n * (3*amount("2.5") + 2*amount("1.999"))
-	wantPayout := n * (3*amount("1.75") + 2*amount("1.3993"))
+	// sales, the approval drained first; revenue 2.5 each (10% of 19.99 =
+	// 1.999 for a sale), payout 1.75 each (7% of 19.99 = 1.3993).
+	wantRevenue := n * (4*amount("2.5") + 2*amount("1.999"))
+	wantPayout := n * (4*amount("1.75") + 2*amount("1.3993"))
 	want := []struct {
 		query string
 		n     uint64
 	}{
-		{"SELECT count() FROM clicks FINAL", 9 * n},
-		{"SELECT count() FROM conversions FINAL", 13 * n},
-		{"SELECT count() FROM conversions FINAL WHERE status = 'approved'", 5 * n},
+		{"SELECT count() FROM clicks FINAL", 10 * n},
+		{"SELECT count() FROM conversions FINAL", 15 * n},
+		{"SELECT count() FROM conversions FINAL WHERE status = 'approved'", 6 * n},
 		{"SELECT count() FROM conversions FINAL WHERE status = 'approved' AND version = 2", n},
 		{"SELECT count() FROM conversions FINAL WHERE status = 'pending'", 0},
 		{"SELECT count() FROM conversions FINAL WHERE reject_reason = 'duplicate'", 2 * n},
@@ -164,12 +196,13 @@ func TestEndToEndEveryOutcome(t *testing.T) {
 		{"SELECT count() FROM conversions FINAL WHERE reject_reason = 'ctit_too_short'", n},
 		{"SELECT count() FROM conversions FINAL WHERE reject_reason = 'expired'", n},
 		{"SELECT count() FROM conversions FINAL WHERE reject_reason = 'unknown_click'", n},
+		{"SELECT count() FROM conversions FINAL WHERE reject_reason = 'superseded' AND status = 'rejected'", n},
 		{"SELECT count() FROM conversions FINAL WHERE status = 'approved' AND goal = 'sale' AND payout = toDecimal64('1.3993', 4)", 2 * n},
 		{"SELECT toUInt64(sum(revenue) * 10000) FROM conversions FINAL WHERE status = 'approved'", wantRevenue},
 		{"SELECT toUInt64(sum(payout) * 10000) FROM conversions FINAL WHERE status = 'approved'", wantPayout},
-		{"SELECT toUInt64(sum(clicks)) FROM report_daily", 9 * n},
-		{"SELECT toUInt64(sum(conversions)) FROM report_daily", 5 * n},
-		{"SELECT toUInt64(sum(rejected)) FROM report_daily", 8 * n},
+		{"SELECT toUInt64(sum(clicks)) FROM report_daily", 10 * n},
+		{"SELECT toUInt64(sum(conversions)) FROM report_daily", 6 * n},
+		{"SELECT toUInt64(sum(rejected)) FROM report_daily", 9 * n},
 		{"SELECT toUInt64(sum(revenue) * 10000) FROM report_daily", wantRevenue},
 		{"SELECT toUInt64(sum(payout) * 10000) FROM report_hourly", wantPayout},
 	}
