@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -50,7 +51,11 @@ type partition struct {
 	// is not stored, since its slots are gone (or were never restored)
 	// and the next pass would drop it anyway. Stored, it would come back
 	// without them, and a status update would count as a new conversion.
+	// Set it with setCut.
 	cut string
+	// sharedCut is cut for the worker's note of the conversions' end,
+	// which runs beside the partition (see worker.startNote).
+	sharedCut atomic.Pointer[string]
 }
 
 type heldPostback struct {
@@ -107,7 +112,7 @@ func (p *partition) load() (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("cannot read offsets of partition %d: %w", p.id, err)
 	}
-	p.cut = p.meta.Cut
+	p.setCut(p.meta.Cut)
 	lo, hi := kindBounds(p.id, kindHeld)
 	it, err := p.db.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 	if err != nil {
@@ -650,8 +655,22 @@ func (p *partition) expire(cat *catalog.Catalog, now time.Time) error {
 }
 
 // setCut sets the partition's cut, and the copy in its offsets record
-// that the next write of that record stores.
-func (p *partition) setCut(cut string) { p.cut, p.meta.Cut = cut, cut }
+// that the next write of that record stores. An expiry pass sets it
+// before it deletes what is below it.
+func (p *partition) setCut(cut string) {
+	p.cut, p.meta.Cut = cut, cut
+	p.sharedCut.Store(&cut)
+}
+
+// currentCut is the cut as of now, safe to call beside the partition's
+// own goroutine: a replay record it cannot find below it may be one that
+// expiry dropped.
+func (p *partition) currentCut() string {
+	if c := p.sharedCut.Load(); c != nil {
+		return *c
+	}
+	return ""
+}
 
 // batchSlots reads slots through a batch, so a decision sees the ones
 // saved earlier in the same batch. Decide cannot return an error; the

@@ -38,7 +38,13 @@ type worker struct {
 	p          *partition
 	lastCommit time.Time
 	lastExpire time.Time
-	lastNoted  time.Time // of meta.ConversionsEnd (noteConversionsEnd)
+
+	// The note of the conversions' end (startNote): when one last began,
+	// whether one is under way, and where it reports.
+	lastNoted time.Time
+	noting    bool
+	noteCtx   context.Context
+	noteDone  chan noteResult
 }
 
 // feed reads one topic partition into a channel.
@@ -136,6 +142,16 @@ func (w *worker) run(ctx context.Context) error {
 	log := a.log.With("partition", w.id)
 	w.p = newPartition(a.db, w.id, a.cfg.Grace, a.m)
 	defer w.p.close()
+	nctx, stopNote := context.WithCancel(ctx)
+	w.noteCtx, w.noteDone = nctx, make(chan noteResult, 1)
+	defer func() {
+		// A note under way reads the store: it ends before the worker.
+		stopNote()
+		if w.noting {
+			<-w.noteDone
+			w.noting = false
+		}
+	}()
 	hasState, err := w.p.load()
 	if err != nil {
 		return storeErr(err)
@@ -224,6 +240,9 @@ func (w *worker) run(ctx context.Context) error {
 			cm = append(cm, m)
 		case m := <-postbackCh:
 			pm = append(pm, m)
+		case res := <-w.noteDone:
+			w.noting = false
+			w.applyNote(res)
 		case <-tick.C:
 		}
 	drain:
@@ -473,9 +492,7 @@ func (w *worker) commitGroup() error {
 		return nil
 	}
 	p.meta.AttemptClicks, p.meta.AttemptPostbacks = clicks, postbacks
-	if time.Since(w.lastNoted) >= noteInterval {
-		w.noteConversionsEnd()
-	}
+	w.startNote()
 	if err := w.a.db.Set(metaKey(w.id), p.meta.append(nil), pebble.Sync); err != nil {
 		return storeErr(fmt.Errorf("cannot store offsets of partition %d: %w", w.id, err))
 	}
@@ -497,6 +514,12 @@ func (w *worker) shutdown() error {
 	if err := w.commitGroup(); err != nil {
 		return err
 	}
+	// What a note under way got to (its context has ended with the
+	// generation's), then as far as a last one gets.
+	if w.noting {
+		w.noting = false
+		w.applyNote(<-w.noteDone)
+	}
 	// Record the confirmation too, so a restart finds its own offsets.
 	w.noteConversionsEnd()
 	return storeErr(w.a.db.Set(metaKey(w.id), w.p.meta.append(nil), pebble.Sync))
@@ -505,7 +528,7 @@ func (w *worker) shutdown() error {
 // noteInterval is how often a commit moves meta.ConversionsEnd on: a
 // restart after a crash reads back about that much of its own output
 // (outputIsOwn), and a running member reads it back once per interval.
-const noteInterval = 10 * time.Second
+var noteInterval = 10 * time.Second // a variable for tests
 
 // staleMark, as meta.ConversionsEnd, says that another member's
 // conversions were found in the partition while this one still had it
@@ -513,38 +536,88 @@ const noteInterval = 10 * time.Second
 // start rebuilds it.
 const staleMark = -2
 
-// noteConversionsEnd moves meta.ConversionsEnd on to the end of the
-// partition's conversions, for the next write of the meta record, across
-// records it checks are this store's own (ownUpTo): those it sent
-// since, whose replay records that write syncs. One that is not (another
-// member took the partition over while this one stalled) marks the state
-// stale instead. Left as it was when the broker does not answer:
-// outputIsOwn then reads a little more.
-func (w *worker) noteConversionsEnd() {
+// A note moves meta.ConversionsEnd on to the end of the partition's
+// conversions, for a later write of the meta record, across records it
+// checks are this store's own (ownUpTo): those it sent since, whose
+// replay records were written before them, so before that write. One
+// that is not (another member took the partition over while this one
+// stalled) marks the state stale instead. Where the broker is slow or
+// does not answer it moves as far as it got, and outputIsOwn reads the
+// rest at the next start.
+//
+// A running worker notes in the background (startNote), since reading
+// back seconds of its own output takes a while, and its postbacks must
+// not wait for that (a synchronous note every 10 s held conversions up
+// to half a second: p99 postback→partner 140 → 490–630 ms in
+// scripts/bench.sh e2e); shutdown notes in place (noteConversionsEnd).
+type noteResult struct {
+	from, reached int64
+	foreign       bool
+}
+
+// startNote starts a note in the background once noteInterval has passed
+// since the last began, unless one is under way or the mark is unknown
+// or stale. run applies its result (applyNote).
+// Retried at the next interval, not at every commit, when the broker is
+// slow; and no bound on how many records: every record since the last
+// note is this worker's own (a start, where a rebuild is cheaper than a
+// long check, has one: ownBetween).
+func (w *worker) startNote() {
 	from := w.p.meta.ConversionsEnd
-	if from < 0 {
-		return // unknown (see restoreConversions), or already stale
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	w.lastNoted = time.Now() // a broker that does not answer is asked again at the next interval
-	end, err := w.lastOffset(ctx, bus.TopicConversions)
-	if err != nil || end <= from {
+	if w.noting || from < 0 || time.Since(w.lastNoted) < noteInterval {
 		return
 	}
-	// Retried at the next interval, not at every commit, when the broker
-	// is slow; and no bound on how many: every record since the last
-	// note is this worker's own (a start, where a rebuild is cheaper
-	// than a long check, has one: ownBetween).
-	reached, foreign, _ := w.ownUpTo(ctx, from, end)
-	if foreign {
+	w.noting, w.lastNoted = true, time.Now()
+	ctx := w.noteCtx
+	go func() {
+		ctx, cancel := context.WithTimeout(ctx, noteTimeout)
+		defer cancel()
+		w.noteDone <- w.checkOwn(ctx, from)
+	}()
+}
+
+// noteTimeout bounds one note.
+const noteTimeout = 5 * time.Second
+
+// checkOwn checks the partition's conversions from from to their current
+// end (see noteResult). It reads only the broker, the store and the
+// partition's current cut, so it may run beside the worker.
+func (w *worker) checkOwn(ctx context.Context, from int64) noteResult {
+	res := noteResult{from: from, reached: from}
+	end, err := w.lastOffset(ctx, bus.TopicConversions)
+	if err != nil || end <= from {
+		return res
+	}
+	res.reached, res.foreign, _ = w.ownUpTo(ctx, from, end)
+	return res
+}
+
+// applyNote sets meta.ConversionsEnd from a note's result, unless the
+// mark changed since it began.
+func (w *worker) applyNote(res noteResult) {
+	if w.p.meta.ConversionsEnd != res.from {
+		return
+	}
+	if res.foreign {
 		w.a.log.Warn("another member wrote conversions of this partition while this one had it; its state will be rebuilt at the next start",
 			"partition", w.id)
 		w.p.meta.ConversionsEnd = staleMark
 		return
 	}
 	// As far as it got in time: the next note goes on from there.
-	w.p.meta.ConversionsEnd = max(from, reached)
+	w.p.meta.ConversionsEnd = max(res.from, res.reached)
+}
+
+// noteConversionsEnd notes in place, for shutdown (and tests).
+func (w *worker) noteConversionsEnd() {
+	from := w.p.meta.ConversionsEnd
+	if from < 0 {
+		return // unknown (see restoreConversions), or already stale
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), noteTimeout)
+	defer cancel()
+	w.lastNoted = time.Now() // a broker that does not answer is asked again at the next interval
+	w.applyNote(w.checkOwn(ctx, from))
 }
 
 // conversionsLikeClicks reports whether the conversions topic has as many
@@ -648,7 +721,7 @@ func (w *worker) ownUpTo(ctx context.Context, from, end int64) (reached int64, f
 		key = eventKey(key[:0], w.id, c.PostbackEventID)
 		v, closer, err := w.a.db.Get(key)
 		if errors.Is(err, pebble.ErrNotFound) {
-			if c.PostbackEventID < w.p.cut {
+			if c.PostbackEventID < w.p.currentCut() {
 				// Below the expiry cut: expire drops the record of such
 				// a postback (minted before the window; an edge's spool
 				// kept for days), this member's own as well. Cannot tell.
