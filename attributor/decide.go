@@ -169,7 +169,15 @@ func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas
 	prev, update := slots.Slot(key)
 	if update {
 		if prev.Status == status {
-			return reject(schemas.RejectDuplicate)
+			d := reject(schemas.RejectDuplicate)
+			if pb.TS > prev.TS {
+				// The same status again, taken later: the newest word on
+				// the conversion, which an older spooled update must not
+				// undo (RefreshOf restores it).
+				prev.TS = pb.TS
+				d.Saves = []SlotSave{{Key: key, Slot: prev}}
+			}
+			return d
 		}
 		if pb.Spooled && pb.TS < prev.TS {
 			// The edge answered this postback before the one behind the
@@ -226,6 +234,34 @@ func Restore(cat *catalog.Catalog, c *schemas.Conversion) []SlotSave {
 		return []SlotSave{claim}
 	}
 	return []SlotSave{{Key: clickSlot(c.ClickID, c.Goal), Slot: s}, claim}
+}
+
+// RefreshOf returns the slot state a duplicate record implies: a postback
+// with its conversion's current status again, taken after the one behind
+// it, moved the slot's time on (see Decide). ok is false for any other
+// record, and for a duplicate of a transaction another click holds.
+func RefreshOf(cat *catalog.Catalog, slots Slots, c *schemas.Conversion) (save SlotSave, ok bool) {
+	if c.Status != schemas.StatusRejected || c.RejectReason != schemas.RejectDuplicate {
+		return save, false
+	}
+	key := clickSlot(c.ClickID, c.Goal)
+	if c.TxnID != "" {
+		claim := txnSlot(c.OfferID, c.Goal, c.TxnID)
+		if s, found := slots.Slot(claim); found && s.ClickID != c.ClickID {
+			return save, false
+		}
+		if o := cat.Offer(c.OfferID); o != nil {
+			if g := o.Goal(c.Goal); g != nil && g.Multiple {
+				key = claim
+			}
+		}
+	}
+	prev, found := slots.Slot(key)
+	if !found || prev.ClickID != c.ClickID || c.TS <= prev.TS {
+		return save, false
+	}
+	prev.TS = c.TS
+	return SlotSave{Key: key, Slot: prev}, true
 }
 
 func slotOf(c *schemas.Conversion) Slot {

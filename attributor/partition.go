@@ -563,6 +563,15 @@ func (p *partition) restore(w *work, cat *catalog.Catalog, value []byte, since t
 	rec := appendString(nil, c.ClickID)
 	rec = append(rec, value...)
 	w.key = eventKey(w.key[:0], p.id, c.PostbackEventID)
+	// A record read again (a replay the topic holds twice) changed no
+	// slot when it was re-emitted: only its first copy refreshes one.
+	_, closer, err := w.b.Get(w.key)
+	replayed := err == nil
+	if replayed {
+		closer.Close()
+	} else if !errors.Is(err, pebble.ErrNotFound) {
+		return err
+	}
 	if err := w.b.Set(w.key, rec, nil); err != nil {
 		return err
 	}
@@ -572,6 +581,13 @@ func (p *partition) restore(w *work, cat *catalog.Catalog, value []byte, since t
 		// claimed its transaction since. The record stays, for replays of
 		// its postback; its slots must not come back.
 		return nil
+	}
+	if c.RejectReason == schemas.RejectDuplicate {
+		s, ok := RefreshOf(cat, &w.lookup, &c)
+		if w.lookup.err != nil || !ok || replayed {
+			return w.lookup.err
+		}
+		return p.saveSlot(w, s)
 	}
 	for _, s := range Restore(cat, &c) {
 		// A replayed older version may follow a newer one in the topic.
