@@ -563,14 +563,16 @@ func (p *partition) restore(w *work, cat *catalog.Catalog, value []byte, since t
 	rec := appendString(nil, c.ClickID)
 	rec = append(rec, value...)
 	w.key = eventKey(w.key[:0], p.id, c.PostbackEventID)
-	// A record read again (a replay the topic holds twice) changed no
-	// slot when it was re-emitted: only its first copy refreshes one.
-	_, closer, err := w.b.Get(w.key)
-	replayed := err == nil
-	if replayed {
-		closer.Close()
-	} else if !errors.Is(err, pebble.ErrNotFound) {
-		return err
+	replayed := false
+	if c.RejectReason == schemas.RejectDuplicate {
+		// A record read again (a replay the topic holds twice) changed no
+		// slot when it was re-emitted: only its first copy refreshes one.
+		_, closer, err := w.b.Get(w.key)
+		if replayed = err == nil; replayed {
+			closer.Close()
+		} else if !errors.Is(err, pebble.ErrNotFound) {
+			return err
+		}
 	}
 	if err := w.b.Set(w.key, rec, nil); err != nil {
 		return err
