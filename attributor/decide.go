@@ -34,8 +34,9 @@ type Slot struct {
 	// (an update's currency is the offer's again); it stays in the stored
 	// slot encoding, which existing stores hold.
 	Currency string
-	// TS is the time the edge took the postback behind this version (Unix
-	// milliseconds); 0 in a slot stored before it was kept.
+	// TS is the time the edge took the postback behind this version, or
+	// a later one with the same status (Unix nanoseconds, Postback.Time);
+	// 0 in a slot stored before it was kept.
 	TS int64
 }
 
@@ -94,6 +95,7 @@ func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas
 		PostbackEventID: pb.EventID,
 		ClickID:         pb.ClickID,
 		TS:              pb.TS,
+		TSNanos:         pb.TSNanos,
 		AdvertiserID:    pb.AdvertiserID,
 		Goal:            goalID,
 		TxnID:           pb.TxnID,
@@ -170,16 +172,16 @@ func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas
 	if update {
 		if prev.Status == status {
 			d := reject(schemas.RejectDuplicate)
-			if pb.TS > prev.TS {
+			if t := pb.Time(); t > prev.TS {
 				// The same status again, taken later: the newest word on
 				// the conversion, which an older spooled update must not
 				// undo (RefreshOf restores it).
-				prev.TS = pb.TS
+				prev.TS = t
 				d.Saves = []SlotSave{{Key: key, Slot: prev}}
 			}
 			return d
 		}
-		if pb.Spooled && pb.TS < prev.TS {
+		if pb.Spooled && pb.Time() < prev.TS {
 			// The edge answered this postback before the one behind the
 			// current status, but only its spool brought it to Kafka, after
 			// that one (two edges, Kafka down). The advertiser's order is
@@ -257,10 +259,10 @@ func RefreshOf(cat *catalog.Catalog, slots Slots, c *schemas.Conversion) (save S
 		}
 	}
 	prev, found := slots.Slot(key)
-	if !found || prev.ClickID != c.ClickID || c.TS <= prev.TS {
+	if !found || prev.ClickID != c.ClickID || c.PostbackTime() <= prev.TS {
 		return save, false
 	}
-	prev.TS = c.TS
+	prev.TS = c.PostbackTime()
 	return SlotSave{Key: key, Slot: prev}, true
 }
 
@@ -272,6 +274,6 @@ func slotOf(c *schemas.Conversion) Slot {
 		ClickID:      c.ClickID,
 		SaleAmount:   c.SaleAmount,
 		Currency:     c.Currency,
-		TS:           c.TS,
+		TS:           c.PostbackTime(),
 	}
 }

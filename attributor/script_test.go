@@ -378,7 +378,7 @@ func (s *script) postbackCmd(name string, args map[string]string) {
 		adv = o.AdvertiserID
 	}
 	s.setID(name, makeID(at, name))
-	pb := schemas.Postback{V: schemas.Version, EventID: s.ids[name], ClickID: clickID, TS: at.UnixMilli(),
+	pb := schemas.Postback{V: schemas.Version, EventID: s.ids[name], ClickID: clickID, TS: at.UnixMilli(), TSNanos: at.UnixNano(),
 		AdvertiserID: s.uintArg(args, "adv", adv), Goal: args["goal"], Amount: args["amount"],
 		Currency: args["currency"], TxnID: args["txn"], Status: args["status"], IP: "203.0.113.1"}
 	if args["upper"] != "" {

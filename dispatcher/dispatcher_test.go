@@ -323,6 +323,9 @@ func TestSignedRequestsVerify(t *testing.T) {
 	if _, ok := body["revenue"]; ok {
 		t.Fatalf("POST body tells the partner our revenue: %s", post[0].body)
 	}
+	if _, ok := body["ts_ns"]; ok {
+		t.Fatalf("POST body carries Trackstar's own ordering time: %s", post[0].body)
+	}
 	if body["conversion_id"] != cPost.ConversionID || body["payout"] != "1.75" || body["sale_amount"] != "19.99" ||
 		body["status"] != "approved" || body["sub1"] != cPost.Sub1 || body["v"] != 1.0 {
 		t.Fatalf("POST body = %s", post[0].body)

@@ -236,7 +236,7 @@ func newConversion(aff uint32) schemas.Conversion {
 	now := time.Now()
 	return schemas.Conversion{
 		V: schemas.Version, ConversionID: schemas.NewID(now), Version: 1, PostbackEventID: schemas.NewID(now),
-		ClickID: schemas.NewID(now.Add(-time.Minute)), TS: now.UnixMilli(), ClickTS: now.Add(-time.Minute).UnixMilli(),
+		ClickID: schemas.NewID(now.Add(-time.Minute)), TS: now.UnixMilli(), TSNanos: now.UnixNano(), ClickTS: now.Add(-time.Minute).UnixMilli(),
 		OfferID: 1, AdvertiserID: 1, AffID: aff, Goal: "default", Status: schemas.StatusApproved,
 		SaleAmount: 19_9900, Revenue: 2_5000, Payout: 1_7500, Currency: "USD", CTITSeconds: 60,
 		Source: "test", Sub1: fmt.Sprintf("s%d &x", n),

@@ -245,8 +245,10 @@ func valuesOf(c *schemas.Conversion) *catalog.Values {
 type partnerConversion struct {
 	schemas.Conversion
 	// Revenue shadows the embedded field of the same JSON name (the
-	// shallower field wins) and, always nil, is left out.
+	// shallower field wins) and, always nil, is left out; so does TSNanos,
+	// Trackstar's own ordering of status updates.
 	Revenue *struct{} `json:"revenue,omitempty"`
+	TSNanos *struct{} `json:"ts_ns,omitempty"`
 }
 
 func partnerBody(c *schemas.Conversion) []byte {

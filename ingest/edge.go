@@ -410,6 +410,7 @@ func buildPostback(ev *event, req *postbackRequest, advertiserID uint32, ip neti
 		EventID:      b2s(ev.id),
 		ClickID:      b2s(ev.key),
 		TS:           now.UnixMilli(),
+		TSNanos:      now.UnixNano(),
 		AdvertiserID: advertiserID,
 		Goal:         b2s(req.goal),
 		Amount:       b2s(t[ipEnd:amountEnd]),

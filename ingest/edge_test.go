@@ -271,6 +271,11 @@ func TestPostbackAliasesAndFields(t *testing.T) {
 		w := wants[e]
 		want := schemas.Postback{V: 1, EventID: e, ClickID: clickIDs[e], TS: ts, AdvertiserID: w.advertiser,
 			Goal: w.goal, Amount: w.amount, Currency: w.currency, TxnID: w.txnID, Status: w.status, IP: "127.0.0.1"}
+		// The same time to the nanosecond, for ordering status updates.
+		if p.TSNanos/1e6 != p.TS {
+			t.Fatalf("postback %s: ts_ns %d is not ts %d", e, p.TSNanos, p.TS)
+		}
+		p.TSNanos = 0
 		if p != want {
 			t.Fatalf("postback record\n%+v\nwant\n%+v", p, want)
 		}

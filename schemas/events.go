@@ -65,10 +65,14 @@ type Click struct {
 // Postback is produced by the edge for every advertiser postback it accepts.
 // Kafka key: ClickID.
 type Postback struct {
-	V            int    `json:"v"`
-	EventID      string `json:"event_id"` // unique per accepted request; conversion IDs derive from it
-	ClickID      string `json:"click_id"`
-	TS           int64  `json:"ts"` // Unix milliseconds the edge received it
+	V       int    `json:"v"`
+	EventID string `json:"event_id"` // unique per accepted request; conversion IDs derive from it
+	ClickID string `json:"click_id"`
+	TS      int64  `json:"ts"` // Unix milliseconds the edge received it
+	// TSNanos is the same time in Unix nanoseconds (0 from an edge that
+	// did not record it): two edges can take two statuses of one
+	// conversion within a millisecond (see Time).
+	TSNanos      int64  `json:"ts_ns,omitempty"`
 	AdvertiserID uint32 `json:"advertiser_id"`
 	Goal         string `json:"goal"`   // empty: the offer's default goal
 	Amount       string `json:"amount"` // validated decimal; empty when the postback had none
@@ -82,6 +86,17 @@ type Postback struct {
 	Spooled bool `json:"spooled,omitempty"`
 }
 
+// Time is the time the edge received the postback, in Unix nanoseconds
+// (TSNanos, else TS).
+func (p *Postback) Time() int64 { return eventNanos(p.TS, p.TSNanos) }
+
+func eventNanos(ms, ns int64) int64 {
+	if ns != 0 {
+		return ns
+	}
+	return ms * 1e6
+}
+
 // Conversion is produced by the attributor, one per postback, whatever the
 // outcome. Kafka key: ClickID. ConversionID is stable across status updates;
 // Version grows with each update (ReplacingMergeTree keeps the highest).
@@ -91,8 +106,9 @@ type Conversion struct {
 	Version         uint32 `json:"version"`
 	PostbackEventID string `json:"postback_event_id"` // the postback this record answers
 	ClickID         string `json:"click_id"`
-	TS              int64  `json:"ts"`       // Unix milliseconds of the postback
-	ClickTS         int64  `json:"click_ts"` // Unix milliseconds of the click; 0 when unknown
+	TS              int64  `json:"ts"`              // Unix milliseconds of the postback
+	TSNanos         int64  `json:"ts_ns,omitempty"` // the postback's TSNanos
+	ClickTS         int64  `json:"click_ts"`        // Unix milliseconds of the click; 0 when unknown
 	OfferID         uint32 `json:"offer_id"`
 	AdvertiserID    uint32 `json:"advertiser_id"`
 	AffID           uint32 `json:"aff_id"`
@@ -130,6 +146,10 @@ type Delivery struct {
 	Outcome      string `json:"outcome"`
 	Error        string `json:"error"`
 }
+
+// PostbackTime is the time of the conversion's postback, in Unix
+// nanoseconds, as Postback.Time.
+func (c *Conversion) PostbackTime() int64 { return eventNanos(c.TS, c.TSNanos) }
 
 // ErrUnknownVersion is wrapped by every decoder when "v" is missing or not
 // a version this build reads.

@@ -37,6 +37,9 @@ func (p *Postback) AppendJSON(dst []byte) []byte {
 	dst = appendStr(dst, `,"event_id":`, p.EventID)
 	dst = appendStr(dst, `,"click_id":`, p.ClickID)
 	dst = appendInt(dst, `,"ts":`, p.TS)
+	if p.TSNanos != 0 {
+		dst = appendInt(dst, `,"ts_ns":`, p.TSNanos)
+	}
 	dst = appendInt(dst, `,"advertiser_id":`, int64(p.AdvertiserID))
 	dst = appendStr(dst, `,"goal":`, p.Goal)
 	dst = appendStr(dst, `,"amount":`, p.Amount)

@@ -113,7 +113,7 @@ func TestHotPathEncodersMatchEncodingJSON(t *testing.T) {
 		t.Fatalf("round trip: %+v, %v", back, err)
 	}
 
-	p := Postback{V: Version, EventID: NewID(time.Now()), ClickID: c.ClickID, TS: 1, AdvertiserID: 2, Goal: "sale", Amount: "19.99", Currency: "USD", TxnID: "o-1", Status: StatusPending, IP: "::1"}
+	p := Postback{V: Version, EventID: NewID(time.Now()), ClickID: c.ClickID, TS: 1, TSNanos: 1_000_123, AdvertiserID: 2, Goal: "sale", Amount: "19.99", Currency: "USD", TxnID: "o-1", Status: StatusPending, IP: "::1"}
 	want, _ = json.Marshal(&p)
 	if got := p.AppendJSON(nil); string(got) != string(want) {
 		t.Fatalf("postback:\n got %s\nwant %s", got, want)

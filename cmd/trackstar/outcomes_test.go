@@ -104,14 +104,15 @@ func TestEndToEndEveryOutcome(t *testing.T) {
 			// A pending and then its approval, taken by two edges while
 			// Kafka was down: the approval's edge drained first. What
 			// reaches Kafka is what the edges' spools hold.
+			// The two edges took them within a millisecond (mostly the
+			// same one), as a quick advertiser's two requests are.
 			id := click(1)
-			t0 := time.Now()
+			t0 := time.Now().Truncate(time.Millisecond)
 			pending := schemas.Postback{V: schemas.Version, EventID: schemas.NewID(t0), ClickID: id,
-				TS: t0.UnixMilli(), AdvertiserID: 1, Amount: "0", Status: schemas.StatusPending, Spooled: true}
-			time.Sleep(2 * time.Millisecond)
-			t1 := time.Now()
+				TS: t0.UnixMilli(), TSNanos: t0.UnixNano(), AdvertiserID: 1, Amount: "0", Status: schemas.StatusPending, Spooled: true}
+			t1 := t0.Add(300 * time.Microsecond)
 			approved := pending
-			approved.EventID, approved.TS, approved.Status = schemas.NewID(t1), t1.UnixMilli(), schemas.StatusApproved
+			approved.EventID, approved.TS, approved.TSNanos, approved.Status = schemas.NewID(t1), t1.UnixMilli(), t1.UnixNano(), schemas.StatusApproved
 			drained.Lock()
 			defer drained.Unlock()
 			for _, pb := range []schemas.Postback{approved, pending} {
