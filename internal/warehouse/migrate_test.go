@@ -113,7 +113,7 @@ func TestMigrate(t *testing.T) {
 		t.Fatalf("database %s holds %d tables and views, want %d: %v", db, len(got), len(migratedTableColumns)+2, got)
 	}
 
-	// Every field of an event (but its schema version) has a column.
+	// Every field of an event (see eventColumnNames) has a column.
 	fields := func(table string, event any) {
 		t.Helper()
 		for _, c := range eventColumnNames(event) {
@@ -320,17 +320,24 @@ func schemaColumns(t *testing.T, conn driver.Conn, db string) map[string]string 
 }
 
 // eventColumnNames returns the column names of an event's fields: their JSON
-// names, but "v".
+// names (see fieldColumn).
 func eventColumnNames(event any) []string {
 	typ := reflect.TypeOf(event)
 	var cols []string
 	for i := 0; i < typ.NumField(); i++ {
-		name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")
-		if name != "v" {
+		if name, ok := fieldColumn(typ.Field(i)); ok {
 			cols = append(cols, name)
 		}
 	}
 	return cols
+}
+
+// fieldColumn returns the column of an event's field, its JSON name; not
+// columns are the schema version, and ts to the nanosecond, which orders
+// status updates in the attributor (the tables keep ts in seconds).
+func fieldColumn(f reflect.StructField) (string, bool) {
+	name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+	return name, name != "v" && name != "ts_ns"
 }
 
 // insertEvents writes events, each an INSERT of its own so that each is a part of
@@ -348,7 +355,7 @@ func insertEvents(t *testing.T, conn driver.Conn, table string, events ...any) {
 		}
 		var vals []any
 		for i := 0; i < v.NumField(); i++ {
-			if v.Type().Field(i).Tag.Get("json") == "v" {
+			if _, ok := fieldColumn(v.Type().Field(i)); !ok {
 				continue
 			}
 			switch x := v.Field(i).Interface().(type) {
