@@ -112,12 +112,21 @@ need_wrk() {
 # port_open HOST PORT: something accepts connections there.
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-# free_port: a loopback port nothing listens on.
+# free_port: a loopback port nothing listens on, below Linux's ephemeral
+# range (a port there may be the local end of some connection, and then
+# a listener cannot bind it), and not handed out before in this run (a
+# server started in the background may not have bound its port yet).
 free_port() {
-	local p
+	local p low
+	read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || low=32768
+	(( low > 21000 )) || low=32768
 	while :; do
-		p=$((20000 + RANDOM % 40000))
-		port_open 127.0.0.1 "$p" || { echo "$p"; return; }
+		p=$((20000 + RANDOM % (low - 20000)))
+		grep -qx "$p" "$WORK/ports" 2>/dev/null && continue
+		port_open 127.0.0.1 "$p" && continue
+		echo "$p" >>"$WORK/ports"
+		echo "$p"
+		return
 	done
 }
 
