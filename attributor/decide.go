@@ -23,6 +23,31 @@ func txnSlot(offerID uint32, goal, txnID string) SlotKey {
 	return SlotKey{OfferID: offerID, Goal: goal, TxnID: txnID}
 }
 
+// slotKeys returns the slot of a conversion and its transaction claim
+// (the zero SlotKey without a txn_id): the slot is the claim for a
+// "multiple" goal with a txn_id, the click's otherwise.
+func slotKeys(clickID string, offerID uint32, goal string, multiple bool, txnID string) (key, claim SlotKey) {
+	key = clickSlot(clickID, goal)
+	if txnID != "" {
+		claim = txnSlot(offerID, goal, txnID)
+		if multiple {
+			key = claim
+		}
+	}
+	return key, claim
+}
+
+// isMultiple reports whether the offer's goal allows one conversion per
+// txn_id (false when the config no longer has it).
+func isMultiple(cat *catalog.Catalog, offerID uint32, goal string) bool {
+	if o := cat.Offer(offerID); o != nil {
+		if g := o.Goal(goal); g != nil {
+			return g.Multiple
+		}
+	}
+	return false
+}
+
 // Slot is the latest state of one conversion.
 type Slot struct {
 	ConversionID string
@@ -153,16 +178,11 @@ func Decide(cat *catalog.Catalog, slots Slots, click *schemas.Click, pb *schemas
 		return reject(schemas.RejectCurrencyMismatch)
 	}
 
-	var claim SlotKey
+	key, claim := slotKeys(click.ClickID, click.OfferID, goalID, goal.Multiple, pb.TxnID)
 	if pb.TxnID != "" {
-		claim = txnSlot(click.OfferID, goalID, pb.TxnID)
 		if s, ok := slots.Slot(claim); ok && s.ClickID != click.ClickID {
 			return reject(schemas.RejectDuplicate)
 		}
-	}
-	key := clickSlot(click.ClickID, goalID)
-	if goal.Multiple && pb.TxnID != "" {
-		key = claim
 	}
 	status := pb.Status
 	if status != schemas.StatusPending && status != schemas.StatusRejected {
@@ -221,21 +241,12 @@ func Restore(cat *catalog.Catalog, c *schemas.Conversion) []SlotSave {
 	if c.Status == schemas.StatusRejected && c.RejectReason != schemas.RejectAdvertiserRejected {
 		return nil
 	}
-	multiple := false
-	if o := cat.Offer(c.OfferID); o != nil {
-		if g := o.Goal(c.Goal); g != nil {
-			multiple = g.Multiple
-		}
-	}
+	key, claim := slotKeys(c.ClickID, c.OfferID, c.Goal, isMultiple(cat, c.OfferID, c.Goal), c.TxnID)
 	s := slotOf(c)
-	if c.TxnID == "" {
-		return []SlotSave{{Key: clickSlot(c.ClickID, c.Goal), Slot: s}}
+	if c.TxnID == "" || key == claim {
+		return []SlotSave{{Key: key, Slot: s}}
 	}
-	claim := SlotSave{Key: txnSlot(c.OfferID, c.Goal, c.TxnID), Slot: s}
-	if multiple {
-		return []SlotSave{claim}
-	}
-	return []SlotSave{{Key: clickSlot(c.ClickID, c.Goal), Slot: s}, claim}
+	return []SlotSave{{Key: key, Slot: s}, {Key: claim, Slot: s}}
 }
 
 // RefreshOf returns the slot state a duplicate record implies: a postback
@@ -246,16 +257,10 @@ func RefreshOf(cat *catalog.Catalog, slots Slots, c *schemas.Conversion) (save S
 	if c.Status != schemas.StatusRejected || c.RejectReason != schemas.RejectDuplicate {
 		return save, false
 	}
-	key := clickSlot(c.ClickID, c.Goal)
+	key, claim := slotKeys(c.ClickID, c.OfferID, c.Goal, isMultiple(cat, c.OfferID, c.Goal), c.TxnID)
 	if c.TxnID != "" {
-		claim := txnSlot(c.OfferID, c.Goal, c.TxnID)
 		if s, found := slots.Slot(claim); found && s.ClickID != c.ClickID {
 			return save, false
-		}
-		if o := cat.Offer(c.OfferID); o != nil {
-			if g := o.Goal(c.Goal); g != nil && g.Multiple {
-				key = claim
-			}
 		}
 	}
 	prev, found := slots.Slot(key)

@@ -1,14 +1,12 @@
 package attributor
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -24,23 +22,6 @@ import (
 	"github.com/trackstar/trackstar/internal/testenv"
 	"github.com/trackstar/trackstar/schemas"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestChildStalledAttributor is member A of
 // TestStalledMemberDoesNotTakeAnothersConversionsForItsOwn.
@@ -75,7 +56,7 @@ func TestStalledMemberDoesNotTakeAnothersConversionsForItsOwn(t *testing.T) {
 
 	// A, a process of its own, holds both postbacks.
 	dirA := t.TempDir()
-	var out lockedBuffer
+	var out testenv.Buffer
 	cmd := exec.Command(os.Args[0], "-test.run=^TestChildStalledAttributor$", "-test.v")
 	cmd.Env = append(os.Environ(), "TRACKSTAR_STALLED_CHILD="+addr+","+dirA)
 	cmd.Stdout, cmd.Stderr = &out, &out
