@@ -171,8 +171,23 @@ func TestEndToEnd(t *testing.T) {
 // is stopped (and its log shown if the test failed) when the test ends.
 func startAll(t *testing.T, cfgFile, sink string) (edge, broker, chAddr, db string) {
 	t.Helper()
-	chAddr, db = testenv.ClickHouseDB(t)
-	edge, broker = freeAddr(t), freeAddr(t)
+	all, _ := startAllProcess(t, cfgFile, sink)
+	return all.edge, all.broker, all.chAddr, all.db
+}
+
+// allProcess is `trackstar all` with the embedded broker, run as a child.
+type allProcess struct {
+	edge, broker, chAddr, db string
+	cmd                      *exec.Cmd
+}
+
+// startAllProcess starts `trackstar all` with the embedded broker and a
+// database of its own, on cfgFile with {SINK} replaced by sink; it returns
+// once the edge answers, with the config file it wrote.
+func startAllProcess(t *testing.T, cfgFile, sink string) (*allProcess, string) {
+	t.Helper()
+	a := &allProcess{edge: freeAddr(t), broker: freeAddr(t)}
+	a.chAddr, a.db = testenv.ClickHouseDB(t)
 	dir := t.TempDir()
 
 	cfg, err := os.ReadFile(cfgFile)
@@ -183,12 +198,20 @@ func startAll(t *testing.T, cfgFile, sink string) (edge, broker, chAddr, db stri
 	if err := os.WriteFile(cfgPath, []byte(strings.ReplaceAll(string(cfg), "{SINK}", sink)), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	a.cmd = startChild(t, filepath.Join(dir, "trackstar.log"), a.edge, "all", "--config", cfgPath, "--listen", a.edge,
+		"--embedded-broker", a.broker, "--data", filepath.Join(dir, "data"), "--clickhouse", a.chAddr,
+		"--clickhouse-database", a.db, "--partitions", "4", "--grace", "2s", "--log-level", "warn")
+	return a, cfgPath
+}
 
-	cmd := exec.Command(os.Args[0], "all", "--config", cfgPath, "--listen", edge, "--embedded-broker", broker,
-		"--data", filepath.Join(dir, "data"), "--clickhouse", chAddr, "--clickhouse-database", db,
-		"--partitions", "4", "--grace", "2s", "--log-level", "warn")
+// startChild runs this binary as `trackstar args...`, its output in
+// logPath (shown when the test fails), until the test ends; it returns
+// once the edge at edge answers /healthz.
+func startChild(t *testing.T, logPath, edge string, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "TRACKSTAR_E2E_CHILD=1")
-	logf, err := os.Create(filepath.Join(dir, "trackstar.log"))
+	logf, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,6 +222,7 @@ func startAll(t *testing.T, cfgFile, sink string) (edge, broker, chAddr, db stri
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGCONT) // in case a test left it stopped
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-exited:
@@ -208,14 +232,14 @@ func startAll(t *testing.T, cfgFile, sink string) (edge, broker, chAddr, db stri
 		}
 		if t.Failed() {
 			log, _ := os.ReadFile(logf.Name())
-			t.Logf("trackstar log:\n%s", log)
+			t.Logf("trackstar %s log:\n%s", args[0], log)
 		}
 	})
 
 	waitUntil(t, 60*time.Second, "the edge answers /healthz", func() bool {
 		select {
 		case err := <-exited:
-			t.Fatalf("trackstar exited early: %v", err)
+			t.Fatalf("trackstar %s exited early: %v", args[0], err)
 		default:
 		}
 		resp, err := http.Get("http://" + edge + "/healthz")
@@ -225,7 +249,7 @@ func startAll(t *testing.T, cfgFile, sink string) (edge, broker, chAddr, db stri
 		resp.Body.Close()
 		return resp.StatusCode == 200
 	})
-	return edge, broker, chAddr, db
+	return cmd
 }
 
 func clickIDs(ctx context.Context, t *testing.T, conn driver.Conn) map[string]bool {
