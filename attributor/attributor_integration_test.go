@@ -245,6 +245,17 @@ func tailTopic(t *testing.T, addr, topic string, add func(kafka.Message)) {
 	t.Cleanup(func() { cancel(); done.Wait() })
 }
 
+// answers returns the records read so far that answer one postback.
+func (l *conversionLog) answers(eventID string) []schemas.Conversion {
+	var out []schemas.Conversion
+	for _, c := range l.snapshot() {
+		if c.PostbackEventID == eventID {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
 func (l *conversionLog) snapshot() []schemas.Conversion {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -786,15 +797,7 @@ func TestReturningMemberSeesPostbacksAnotherDecided(t *testing.T) {
 
 	// B takes the partition over and decides h2 once its grace is over.
 	b := start(config(t.TempDir()))
-	decided := func() []schemas.Conversion {
-		var out []schemas.Conversion
-		for _, c := range log.snapshot() {
-			if c.PostbackEventID == h2.EventID {
-				out = append(out, c)
-			}
-		}
-		return out
-	}
+	decided := func() []schemas.Conversion { return log.answers(h2.EventID) }
 	waitUntil(t, "B to decide h2", 60*time.Second, func() bool { return len(decided()) > 0 })
 	b.stop(t)
 
